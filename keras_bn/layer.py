@@ -1,0 +1,502 @@
+"""The Batch Normalization layer (Ioffe & Szegedy, 2015) for Keras 3 on TensorFlow."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_bn import moments as moments_lib
+
+# cuDNN's fused kernel refuses epsilon below 1e-5; keep the fused path where it runs everywhere.
+_FUSED_MIN_EPSILON = 1.001e-5
+_FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch Normalization, exactly as the paper defines it.
+
+    In training (``training=True``) the layer normalizes with the statistics of the current
+    batch (Alg. 1: biased variance), then scales by ``gamma`` and shifts by ``beta``. In
+    inference it applies the affine map given by the population statistics
+    ``moving_mean`` / ``moving_variance``. Statistics are taken over every axis but ``axis``
+    (the paper's conv rule: a batch of ``m`` images of ``p x q`` gives ``m*p*q`` values per
+    feature map).
+
+    Differences from ``keras.layers.BatchNormalization`` (all measured by the tests):
+
+    - The moving variance receives the *unbiased* estimate ``n/(n-1) * var`` where ``n`` is the
+      number of values behind the statistic (batch x spatial positions, unmasked entries only,
+      summed over replicas when ``synchronized``), as the paper's Alg. 2 does.
+      ``unbiased_variance=False`` gives Keras's behaviour.
+    - ``momentum=None`` gives a cumulative average over every batch seen.
+    - A batch with 0 or 1 values for a channel, or with non-finite statistics (an fp16
+      overflow step), leaves that channel's moving statistics unchanged.
+    - ``synchronized=True`` computes moments over the global batch with one all-reduce forward
+      and one backward, merged stably and weighted by each replica's real count.
+    - Moving statistics stay identical on every replica of a ``tf.distribute`` strategy.
+    - ``axis`` may be a list of axes; a fused kernel (FusedBatchNormV3) is used whenever the
+      semantics allow (no mask, no cross-replica moments, contiguous feature axes first or
+      last), for any rank.
+
+    Args:
+        axis: Integer or list of integers, the feature axis/axes (``-1`` for channels_last,
+            ``1`` for channels_first). Parameters have the shape of these axes.
+        momentum: Weight of the old value in the moving averages, in ``[0, 1)``
+            (``moving = momentum * moving + (1 - momentum) * batch``), or ``None`` for a
+            cumulative average over all training batches seen. Defaults to ``0.99``.
+        epsilon: Small float > 0 added to the variance. Defaults to ``1e-3``.
+        center: If True, add the learned offset ``beta``.
+        scale: If True, multiply by the learned ``gamma``. Can be False when the next layer
+            is linear or ReLU (the next layer can absorb the scale).
+        beta_initializer: Initializer for ``beta``.
+        gamma_initializer: Initializer for ``gamma``.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for ``beta``.
+        gamma_regularizer: Optional regularizer for ``gamma``.
+        beta_constraint: Optional constraint for ``beta``.
+        gamma_constraint: Optional constraint for ``gamma``.
+        moving_mean_constraint: Optional constraint applied to the moving mean after each
+            update.
+        moving_variance_constraint: Optional constraint applied to the moving variance after
+            each update.
+        synchronized: If True, batch statistics are computed over all replicas of the current
+            ``tf.distribute`` strategy (any strategy: Mirrored, MultiWorkerMirrored, TPU). In a
+            cross-replica context or with no strategy the layer behaves as the local one.
+        unbiased_variance: If True (default, as the paper), the moving variance is updated with
+            ``n/(n-1)`` times the batch variance.
+        **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
+
+    Call arguments:
+        inputs: Floating-point input tensor of any rank.
+        training: Python boolean or None. True normalizes with batch statistics and updates
+            the moving statistics; False uses the moving statistics.
+        mask: Optional boolean tensor with the rank of ``inputs``, or that rank without the
+            feature axes (e.g. ``(batch, time)`` for ``(batch, time, C)``). Masked-out entries
+            are excluded from the statistics and from ``n``; every entry is normalized.
+
+    Setting ``layer.trainable = False`` freezes the layer *and* runs it in inference mode,
+    as in Keras (useful for fine-tuning); it does not update the moving statistics.
+
+    Mixed precision: parameters and statistics are float32; float16/bfloat16 inputs are
+    normalized with float32 math and the output has the layer's compute dtype.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_bn
+    >>> layer = keras_bn.BatchNormalization()
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (60, 100)).astype("float32")
+    >>> y = layer(x, training=True)
+    >>> bool(abs(float(keras.ops.mean(y))) < 1e-5)
+    True
+
+    Reference:
+        - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        moving_mean_constraint=None,
+        moving_variance_constraint=None,
+        synchronized=False,
+        unbiased_variance=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = _validate_axis(axis)
+        if momentum is not None:
+            momentum = float(momentum)
+            if not 0.0 <= momentum < 1.0:
+                raise ValueError(
+                    f"momentum must be in [0, 1) (the weight of the old value), or None for a "
+                    f"cumulative average; got momentum={momentum}."
+                )
+        self.momentum = momentum
+        epsilon = float(epsilon)
+        if not epsilon > 0.0:
+            raise ValueError(f"epsilon must be > 0; got epsilon={epsilon}.")
+        self.epsilon = epsilon
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.moving_mean_constraint = constraints.get(moving_mean_constraint)
+        self.moving_variance_constraint = constraints.get(moving_variance_constraint)
+        self.synchronized = bool(synchronized)
+        self.unbiased_variance = bool(unbiased_variance)
+        self.supports_masking = True
+
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.moving_count = None
+        # Set by keras_bn.population while it measures population statistics (Alg. 2): called
+        # with (mean, biased variance, count) of each training batch instead of updating the
+        # moving statistics. Read when the call is traced.
+        self._statistics_observer = None
+        self._feature_axes = None
+        self._build_rank = None
+
+    # ----------------------------------------------------------------------------- building
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._feature_axes = _normalize_axes(self.axis, rank)
+        self._build_rank = rank
+        param_shape = []
+        for a in self._feature_axes:
+            if input_shape[a] is None:
+                raise ValueError(
+                    f"axis={self.axis}: the feature axis {a} of the input shape {input_shape} "
+                    "must be known when the layer is built."
+                )
+            param_shape.append(int(input_shape[a]))
+        self._param_shape = tuple(param_shape)
+        self._reduction_axes = moments_lib.reduction_axes(rank, self._feature_axes)
+        self._broadcast_shape = [
+            input_shape[a] if a in self._feature_axes else 1 for a in range(rank)
+        ]
+        self._fused_layout = _fused_layout(self._feature_axes, rank)
+
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=param_shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=param_shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self._add_statistic(
+            "moving_mean", self.moving_mean_initializer, self.moving_mean_constraint
+        )
+        self.moving_variance = self._add_statistic(
+            "moving_variance", self.moving_variance_initializer, self.moving_variance_constraint
+        )
+        if self.momentum is None:
+            self.moving_count = self._add_statistic("moving_count", initializers.Zeros(), None)
+
+    def _add_statistic(self, name, initializer, constraint):
+        # Statistics are synchronized ON_READ: each replica writes its own copy with no
+        # collective. The layer feeds every replica the same (global) update, so the copies stay
+        # identical and the mean read in a cross-replica context equals each of them.
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=initializer,
+                shape=self._param_shape,
+                dtype=self._statistics_dtype,
+                trainable=False,
+                autocast=False,
+                synchronization="on_read",
+                aggregation="mean",
+                name=name,
+            )
+        variable.constraint = constraint
+        self._track_variable(variable)
+        return variable
+
+    @property
+    def _statistics_dtype(self):
+        return "float64" if self.variable_dtype == "float64" else "float32"
+
+    def compute_output_shape(self, input_shape):
+        _normalize_axes(self.axis, len(input_shape))
+        return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    # ------------------------------------------------------------------------------ calling
+
+    def call(self, inputs, training=None, mask=None):
+        self._check_inputs(inputs)
+        if training and self.trainable:
+            outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
+            self._record_batch_statistics(batch)
+        else:
+            outputs = self._normalize_with_moving_statistics(inputs)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _check_inputs(self, inputs):
+        if not inputs.dtype.is_floating:
+            raise ValueError(
+                f"Layer {self.name!r} expects floating-point inputs; got dtype {inputs.dtype.name}. "
+                "Cast the inputs to a float type first."
+            )
+        rank = inputs.shape.rank
+        if rank != self._build_rank:
+            raise ValueError(
+                f"Layer {self.name!r} was built for inputs of rank {self._build_rank} "
+                f"(axis={self.axis}) but was called on inputs of rank {rank} "
+                f"(shape {inputs.shape}). Use a separate layer for each input rank."
+            )
+
+    def _params(self, dtype):
+        """gamma and beta in the broadcast layout (ones / zeros when disabled)."""
+        shape = self._broadcast_shape
+        gamma = (
+            tf.reshape(tf.cast(self.gamma, dtype), shape)
+            if self.scale
+            else tf.ones(shape, dtype)
+        )
+        beta = (
+            tf.reshape(tf.cast(self.beta, dtype), shape)
+            if self.center
+            else tf.zeros(shape, dtype)
+        )
+        return gamma, beta
+
+    def _affine(self, x, mean, variance):
+        """gamma * (x - mean) / sqrt(variance + epsilon) + beta as one multiply-add."""
+        gamma, beta = self._params(x.dtype)
+        multiplier = gamma * tf.math.rsqrt(variance + tf.cast(self.epsilon, x.dtype))
+        return x * multiplier + (beta - mean * multiplier)
+
+    def _to_statistics_dtype(self, inputs):
+        return tf.cast(inputs, self._statistics_dtype)
+
+    def _normalize_with_moving_statistics(self, inputs):
+        x = self._to_statistics_dtype(inputs)
+        shape = self._broadcast_shape
+        mean = tf.reshape(tf.convert_to_tensor(self.moving_mean), shape)
+        variance = tf.reshape(tf.convert_to_tensor(self.moving_variance), shape)
+        return self._affine(x, mean, variance)
+
+    def _normalize_with_batch_statistics(self, inputs, mask):
+        """Alg. 1. Returns the outputs and the batch :class:`Moments` (global when synced)."""
+        replicas = moments_lib.multi_replica_context()
+        if self.synchronized and replicas is not None:
+            x = self._to_statistics_dtype(inputs)
+            mask = None if mask is None else moments_lib.broadcast_mask(
+                mask, x, self._feature_axes
+            )
+            batch = moments_lib.cross_replica_moments(
+                x, self._reduction_axes, replicas, self._moving_mean_broadcast(), mask
+            )
+            return self._affine(x, batch.mean, batch.variance), batch
+
+        if mask is None and self._can_fuse(inputs):
+            outputs, batch = self._fused_training(inputs)
+        else:
+            x = self._to_statistics_dtype(inputs)
+            mask = None if mask is None else moments_lib.broadcast_mask(
+                mask, x, self._feature_axes
+            )
+            batch = moments_lib.local_moments(x, self._reduction_axes, mask)
+            outputs = self._affine(x, batch.mean, batch.variance)
+        if replicas is not None:
+            # Local normalization, but every replica's moving statistics receive the same
+            # global-batch update, so the replicas' copies never drift apart.
+            batch = moments_lib.aggregate_across_replicas(
+                replicas, batch, self._moving_mean_broadcast()
+            )
+        return outputs, batch
+
+    def _moving_mean_broadcast(self):
+        return tf.reshape(tf.convert_to_tensor(self.moving_mean), self._broadcast_shape)
+
+    def _can_fuse(self, inputs):
+        return (
+            self._fused_layout is not None
+            and inputs.dtype in _FUSED_DTYPES
+            and self._statistics_dtype == "float32"
+            and self.epsilon >= _FUSED_MIN_EPSILON
+        )
+
+    def _fused_training(self, inputs):
+        """Alg. 1 with TensorFlow's FusedBatchNormV3 (forward and gradient kernels).
+
+        Any rank is viewed as a 4-D NHWC or NCHW tensor with the same statistics: the feature
+        axes become the channel axis, everything else batch and space.
+        """
+        layout = self._fused_layout
+        channels = 1
+        for d in self._param_shape:
+            channels *= d
+        shape = tf.shape(inputs)
+        if layout == "NHWC":
+            x4 = tf.reshape(inputs, [-1, 1, 1, channels])
+        else:
+            rest = tf.reduce_prod(shape[1 + len(self._feature_axes) :])
+            x4 = tf.reshape(inputs, tf.stack([shape[0], channels, rest, 1]))
+        gamma = (
+            tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels], tf.float32)
+        )
+        beta = (
+            tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels], tf.float32)
+        )
+        empty = tf.zeros([0], tf.float32)
+        y4, mean, corrected_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x4,
+            scale=tf.cast(gamma, tf.float32),
+            offset=tf.cast(beta, tf.float32),
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format=layout,
+            is_training=True,
+        )
+        outputs = tf.reshape(y4, shape)
+        count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
+        # The kernel returns n/(n-1) * var on the local count (0 for n == 1): undo it, so the
+        # moving-statistics rule below applies one exact correction on the right n.
+        variance = corrected_variance * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
+        batch = moments_lib.Moments(
+            count,
+            tf.reshape(mean, self._broadcast_shape),
+            tf.reshape(variance, self._broadcast_shape),
+        )
+        return outputs, batch
+
+    # ------------------------------------------------------------------- moving statistics
+
+    def _record_batch_statistics(self, batch):
+        shape = self._param_shape
+        count = tf.reshape(tf.broadcast_to(batch.count, tf.shape(batch.mean)), shape)
+        mean = tf.stop_gradient(tf.reshape(batch.mean, shape))
+        variance = tf.stop_gradient(tf.reshape(batch.variance, shape))
+        count = tf.stop_gradient(count)
+        if self._statistics_observer is not None:
+            self._statistics_observer(mean, variance, count)
+            return
+        self._update_moving_statistics(mean, variance, count)
+
+    def _update_moving_statistics(self, mean, variance, count):
+        """Moves the population estimates toward this batch, channel by channel.
+
+        Channels whose batch gave n <= 1 values or non-finite statistics keep their values.
+        """
+        usable = (count > 1.0) & tf.math.is_finite(mean) & tf.math.is_finite(variance)
+        if self.unbiased_variance:
+            variance = variance * count / tf.maximum(count - 1.0, 1.0)
+        mean = tf.where(usable, mean, 0.0)
+        variance = tf.where(usable, variance, 0.0)
+        if self.momentum is None:
+            seen = tf.convert_to_tensor(self.moving_count)
+            weight = 1.0 / (seen + 1.0)
+            self.moving_count.assign(tf.where(usable, seen + 1.0, seen))
+        else:
+            weight = tf.cast(1.0 - self.momentum, mean.dtype)
+        for variable, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            old = tf.convert_to_tensor(variable)
+            new = old + weight * (value - old)
+            if variable.constraint is not None:
+                new = variable.constraint(new)
+            variable.assign(tf.where(usable, new, old))
+
+    # ------------------------------------------------------------------------ serialization
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "axis": self.axis,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+                "moving_variance_initializer": initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "moving_mean_constraint": constraints.serialize(self.moving_mean_constraint),
+                "moving_variance_constraint": constraints.serialize(
+                    self.moving_variance_constraint
+                ),
+                "synchronized": self.synchronized,
+                "unbiased_variance": self.unbiased_variance,
+            }
+        )
+        return config
+
+
+def _validate_axis(axis):
+    """int, or a non-empty list of distinct ints (kept as given, for get_config)."""
+    if isinstance(axis, bool):
+        raise ValueError(f"axis must be an int or a list of ints; got axis={axis!r}.")
+    if isinstance(axis, int):
+        return axis
+    if isinstance(axis, (list, tuple)) and axis and all(
+        isinstance(a, int) and not isinstance(a, bool) for a in axis
+    ):
+        axis = [int(a) for a in axis]
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"axis contains duplicates: axis={axis}.")
+        return axis
+    raise ValueError(f"axis must be an int or a non-empty list of ints; got axis={axis!r}.")
+
+
+def _normalize_axes(axis, rank):
+    """Feature axes as sorted non-negative ints, checked against the input rank."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    normalized = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"axis={axis} is out of range for inputs of rank {rank} "
+                f"(valid: {-rank}..{rank - 1})."
+            )
+        normalized.append(a % rank)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(
+            f"axis={axis} names the same axis twice for inputs of rank {rank} "
+            f"(normalized: {normalized})."
+        )
+    if len(normalized) == rank:
+        raise ValueError(
+            f"axis={axis} leaves no axis to take statistics over for inputs of rank {rank}."
+        )
+    return sorted(normalized)
+
+
+def _fused_layout(feature_axes, rank):
+    """"NHWC" when the feature axes are a contiguous block at the end, "NCHW" when they are
+    a contiguous block right after the batch axis, else None (generic path)."""
+    contiguous = feature_axes == list(range(feature_axes[0], feature_axes[-1] + 1))
+    if not contiguous:
+        return None
+    if feature_axes[-1] == rank - 1:
+        return "NHWC"
+    if feature_axes[0] == 1:
+        return "NCHW"
+    return None

@@ -1,0 +1,212 @@
+"""Batch moments for Batch Normalization: local, masked, and across replicas.
+
+Small pure functions shared by the layer and by the population-statistics pass. Every function
+returns :class:`Moments` in the *keepdims* layout (size 1 on the reduction axes), so the results
+broadcast against the input. Counts come from shapes (or from the mask), never from a tensor of
+ones the size of the input.
+
+Cross-replica merge. Each replica reduces its own values to ``(n_r, mean_r, M2_r)`` with a
+two-pass formula, then ONE all-reduce (sum) carries, for every channel,
+``n_r``, ``n_r * d_r`` and ``M2_r + n_r * d_r**2`` with ``d_r = mean_r - K``, where the shift
+``K`` is the same on every replica (the layer passes its moving mean, which replicas keep
+identical). This is Chan et al.'s parallel variance written as a sum:
+``M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2`` and, with ``S1 = sum n_r d_r``,
+``sum_r n_r (mean_r - mean)^2 = sum_r n_r d_r^2 - S1^2 / N``. The cancellation in the last
+term only involves the *spread of the replica means around K*, never the raw magnitude of the
+data, so it stays exact in float32 where ``E[x^2] - E[x]^2`` on raw values does not.
+Replicas are weighted by their real counts: uneven and empty replicas give the global result.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Moments(NamedTuple):
+    """Statistics of a batch, in the keepdims layout of the input.
+
+    Attributes:
+        count: number of values behind each statistic (float, broadcastable to ``mean``;
+            a scalar when every channel sees the same number of values).
+        mean: the batch mean.
+        variance: the *biased* batch variance (ddof=0), as Alg. 1 of the paper uses.
+    """
+
+    count: tf.Tensor
+    mean: tf.Tensor
+    variance: tf.Tensor
+
+
+def reduction_axes(rank: int, feature_axes: list[int]) -> list[int]:
+    """The axes statistics are taken over: every axis but the feature (channel) axes."""
+    return [a for a in range(rank) if a not in feature_axes]
+
+
+def values_per_statistic(x: tf.Tensor, axes: list[int], dtype=tf.float32) -> tf.Tensor:
+    """Number of values each channel's statistic is taken over, from the shape of ``x``."""
+    static = [x.shape[a] for a in axes]
+    if all(d is not None for d in static):
+        n = 1
+        for d in static:
+            n *= d
+        return tf.constant(float(n), dtype)
+    shape = tf.shape(x)
+    return tf.cast(tf.reduce_prod(tf.gather(shape, axes)), dtype)
+
+
+def broadcast_mask(mask: tf.Tensor, x: tf.Tensor, feature_axes: list[int]) -> tf.Tensor:
+    """Boolean mask broadcast to the shape of ``x``.
+
+    ``mask`` either has the rank of ``x`` (broadcastable to it), or lacks the feature axes
+    (the Keras convention for sequence masks, e.g. ``(batch, time)`` for ``(batch, time, C)``).
+    """
+    mask = tf.cast(mask, tf.bool)
+    rank = x.shape.rank
+    if mask.shape.rank == rank - len(feature_axes):
+        for a in sorted(feature_axes):
+            mask = tf.expand_dims(mask, a)
+    elif mask.shape.rank != rank:
+        raise ValueError(
+            f"mask must have the rank of the inputs ({rank}) or that rank without the feature "
+            f"axes ({rank - len(feature_axes)}); got mask of shape {mask.shape} for inputs of "
+            f"shape {x.shape}."
+        )
+    return tf.broadcast_to(mask, tf.shape(x))
+
+
+def local_moments(x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None) -> Moments:
+    """Count, mean and biased variance of ``x`` over ``axes`` on this device (differentiable).
+
+    Args:
+        x: float tensor.
+        axes: reduction axes.
+        mask: optional boolean tensor of ``x``'s shape (see :func:`broadcast_mask`);
+            masked-out entries are excluded from the statistics and from the count.
+
+    An empty batch gives ``count == 0`` and a mean/variance that callers must not use as
+    population statistics (the layer leaves its moving statistics untouched then).
+    """
+    if mask is None:
+        count = values_per_statistic(x, axes, x.dtype)
+        mean, variance = tf.nn.moments(x, axes, keepdims=True)
+        return Moments(count, mean, variance)
+    count = tf.reduce_sum(tf.cast(mask, x.dtype), axes, keepdims=True)
+    safe_count = tf.maximum(count, 1.0)
+    # tf.where, not a product: masked entries may hold padding garbage, even inf/nan.
+    mean = tf.reduce_sum(tf.where(mask, x, 0.0), axes, keepdims=True) / safe_count
+    centered = tf.where(mask, x - mean, 0.0)
+    variance = tf.reduce_sum(tf.square(centered), axes, keepdims=True) / safe_count
+    return Moments(count, mean, variance)
+
+
+def _local_sums(x, axes, mask):
+    """(count, mean, M2) with a safe mean for empty inputs; not meant to be differentiated."""
+    if mask is None:
+        count = values_per_statistic(x, axes, x.dtype)
+        safe = tf.maximum(count, 1.0)
+        mean = tf.reduce_sum(x, axes, keepdims=True) / safe
+        m2 = tf.reduce_sum(tf.square(x - mean), axes, keepdims=True)
+    else:
+        count = tf.reduce_sum(tf.cast(mask, x.dtype), axes, keepdims=True)
+        safe = tf.maximum(count, 1.0)
+        mean = tf.reduce_sum(tf.where(mask, x, 0.0), axes, keepdims=True) / safe
+        m2 = tf.reduce_sum(tf.square(tf.where(mask, x - mean, 0.0)), axes, keepdims=True)
+    return tf.broadcast_to(count, tf.shape(mean)), mean, m2
+
+
+def merge_across_replicas(
+    replica_context, count: tf.Tensor, mean: tf.Tensor, m2: tf.Tensor, shift: tf.Tensor
+) -> Moments:
+    """Merges per-replica ``(count, mean, M2)`` with ONE all-reduce (see the module docstring).
+
+    All arguments have the same shape; ``shift`` must be identical on every replica.
+    Returns the global count, mean and biased variance (zero variance for an empty batch).
+    """
+    delta = mean - shift
+    weighted = count * delta
+    packed = tf.stack([count, weighted, m2 + weighted * delta])
+    total = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, packed)
+    n, s1, s2 = tf.unstack(total)
+    safe = tf.maximum(n, 1.0)
+    global_delta = s1 / safe
+    global_m2 = tf.maximum(s2 - s1 * global_delta, 0.0)
+    return Moments(n, shift + global_delta, global_m2 / safe)
+
+
+def cross_replica_moments(
+    x: tf.Tensor,
+    axes: list[int],
+    replica_context,
+    shift: tf.Tensor,
+    mask: tf.Tensor | None = None,
+) -> Moments:
+    """Global moments over every replica's ``x``: one all-reduce forward, one backward.
+
+    Differentiable in ``x``. The gradient sums the upstream gradients of the (shared) global
+    mean and variance over replicas in one packed all-reduce, then applies
+    ``dmean/dx = 1/N`` and ``dvar/dx = 2 (x - mean) / N`` locally (masked entries get zero).
+
+    Args:
+        x: this replica's float inputs (may be empty).
+        axes: reduction axes.
+        replica_context: the current ``tf.distribute.ReplicaContext``.
+        shift: keepdims-shaped tensor identical on every replica (e.g. the moving mean).
+        mask: optional boolean mask of ``x``'s shape.
+    """
+    shift = tf.stop_gradient(tf.cast(shift, x.dtype))
+
+    @tf.custom_gradient
+    def _moments(x):
+        count, mean, m2 = _local_sums(x, axes, mask)
+        merged = merge_across_replicas(replica_context, count, mean, m2, shift)
+        n = tf.maximum(merged.count, 1.0)
+
+        def grad(d_count, d_mean, d_variance):
+            del d_count  # counts do not depend on values
+            d_mean = tf.zeros_like(merged.mean) if d_mean is None else d_mean
+            d_variance = tf.zeros_like(merged.mean) if d_variance is None else d_variance
+            summed = replica_context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.stack([d_mean, d_variance])
+            )
+            g_mean, g_variance = tf.unstack(summed)
+            dx = (g_mean + 2.0 * g_variance * (x - merged.mean)) / n
+            if mask is not None:
+                dx = tf.where(mask, dx, 0.0)
+            return dx
+
+        return (merged.count, merged.mean, merged.variance), grad
+
+    count, mean, variance = _moments(x)
+    return Moments(count, mean, variance)
+
+
+def aggregate_across_replicas(replica_context, moments: Moments, shift: tf.Tensor) -> Moments:
+    """Global moments from per-replica :class:`Moments` (no gradient), for moving statistics.
+
+    Used by the local (unsynchronized) layer so every replica's moving statistics receive the
+    same update: the statistics of the global batch, with the global count.
+    """
+    count = tf.broadcast_to(moments.count, tf.shape(moments.mean))
+    empty = count < 1.0
+    mean = tf.where(empty, 0.0, moments.mean)
+    m2 = tf.where(empty, 0.0, moments.variance * count)
+    return merge_across_replicas(
+        replica_context,
+        tf.stop_gradient(count),
+        tf.stop_gradient(mean),
+        tf.stop_gradient(m2),
+        tf.stop_gradient(tf.cast(shift, mean.dtype)),
+    )
+
+
+def multi_replica_context():
+    """The current replica context when more than one replica is in sync, else None.
+
+    In a cross-replica context, or with no strategy, moments are local.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context

@@ -1,0 +1,1 @@
+"""The model zoo (keras_bn.models): the paper's networks."""

@@ -1,0 +1,1 @@
+"""The absl trainer (keras_bn.train)."""
