@@ -253,8 +253,8 @@ class BatchNormalization(keras.layers.Layer):
     def _check_inputs(self, inputs):
         if not inputs.dtype.is_floating:
             raise ValueError(
-                f"Layer {self.name!r} expects floating-point inputs; got dtype {inputs.dtype.name}. "
-                "Cast the inputs to a float type first."
+                f"Layer {self.name!r} expects floating-point inputs; got dtype "
+                f"{inputs.dtype.name}. Cast the inputs to a float type first."
             )
         rank = inputs.shape.rank
         if rank != self._build_rank:

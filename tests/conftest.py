@@ -1,0 +1,41 @@
+"""Shared pytest setup: quiet TensorFlow, and a runner for tests that need several CPUs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: int = 300) -> str:
+    """Runs ``code`` in a fresh interpreter (so it can configure logical CPUs before TF starts).
+
+    The tests folder is on ``sys.path`` there, so the code may import the oracle helpers.
+    Returns stdout; fails the test with stderr when the process exits non-zero.
+    """
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = TESTS_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"subprocess failed (exit {proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc.stdout
+
+
+@pytest.fixture
+def python_subprocess():
+    return run_python

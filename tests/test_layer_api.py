@@ -1,0 +1,181 @@
+"""Serialization, export, argument errors, mixed precision and the fused path."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bn
+
+NON_DEFAULT = dict(
+    axis=[1, 3],
+    momentum=None,
+    epsilon=1e-4,
+    center=False,
+    scale=True,
+    beta_initializer="ones",
+    gamma_initializer=keras.initializers.Constant(2.0),
+    moving_mean_initializer="ones",
+    moving_variance_initializer=keras.initializers.Constant(3.0),
+    beta_regularizer=keras.regularizers.L2(1e-3),
+    gamma_regularizer=keras.regularizers.L1(1e-2),
+    beta_constraint=keras.constraints.NonNeg(),
+    gamma_constraint=keras.constraints.MaxNorm(2.0),
+    moving_mean_constraint=keras.constraints.NonNeg(),
+    moving_variance_constraint=keras.constraints.NonNeg(),
+    synchronized=True,
+    unbiased_variance=False,
+    name="bn_all_args",
+)
+
+
+def test_get_config_round_trips_every_argument():
+    layer = keras_bn.BatchNormalization(**NON_DEFAULT)
+    config = layer.get_config()
+    clone = keras_bn.BatchNormalization.from_config(config)
+    assert clone.get_config() == config
+    for key in NON_DEFAULT:
+        assert key in config, key
+    assert config["axis"] == [1, 3] and config["momentum"] is None
+    default = keras_bn.BatchNormalization().get_config()
+    assert default["momentum"] == 0.99 and default["unbiased_variance"] is True
+    assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == config
+
+
+def _trained_model():
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(5, 3, use_bias=False)(inputs)
+    h = keras_bn.BatchNormalization(momentum=0.5)(h)
+    h = keras.layers.Flatten()(h)
+    h = keras_bn.BatchNormalization(momentum=None)(keras.layers.Dense(3)(h))
+    model = keras.Model(inputs, h)
+    model.compile("sgd", "mse")
+    x = rng.normal(size=(16, 6, 6, 4)).astype(np.float32)
+    model.fit(x, rng.normal(size=(16, 3)), batch_size=8, epochs=2, verbose=0)
+    return model, x
+
+
+def test_keras_file_round_trip(tmp_path):
+    model, x = _trained_model()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=1e-6)
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_saved_model_export_gives_same_inference_outputs(tmp_path):
+    model, x = _trained_model()
+    path = str(tmp_path / "exported")
+    model.export(path, verbose=False)
+    reloaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(reloaded.serve(x), model(x, training=False), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-1e-3), "epsilon"),
+        (dict(axis=[1, 1]), "axis"),
+        (dict(axis="channels"), "axis"),
+        (dict(axis=[]), "axis"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        keras_bn.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("axis", [4, -5, [1, -3]])
+def test_axis_out_of_range_or_duplicated_for_the_input(axis):
+    with pytest.raises(ValueError, match="axis"):
+        keras_bn.BatchNormalization(axis=axis)(np.zeros((2, 3, 4, 5), np.float32))
+
+
+def test_rank_change_after_build_is_an_error():
+    layer = keras_bn.BatchNormalization()
+    layer(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="rank"):
+        layer(np.zeros((2, 4, 3), np.float32))
+
+
+def test_integer_inputs_are_an_error():
+    with pytest.raises(ValueError, match="floating"):
+        keras_bn.BatchNormalization()(np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_float32_state_and_compute_dtype_output(policy):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = keras_bn.BatchNormalization(momentum=0.0)
+        x = np.random.default_rng(1).normal(100.0, 50.0, (32, 4, 4, 3)).astype(np.float32)
+        for training in (True, False):
+            for mask in (None, np.ones((32, 4, 4), bool)):
+                y = layer(x, training=training, mask=mask)
+                assert y.dtype == policy.split("_")[1]
+        assert all(w.dtype == "float32" for w in layer.weights)
+        x_half = np.asarray(tf.cast(tf.cast(x, policy.split("_")[1]), tf.float32), np.float64)
+        n = 32 * 16
+        np.testing.assert_allclose(layer.moving_variance.numpy(),
+                                   x_half.reshape(-1, 3).var(0) * n / (n - 1), rtol=1e-4)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _op_types(fn, *args):
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize(
+    "shape,axis,fused",
+    [((4, 5, 5, 3), -1, True), ((4, 3, 5, 5), 1, True), ((8, 3), -1, True),
+     ((2, 3, 4, 5, 6), -1, True), ((4, 5, 5, 3), 2, False), ((4, 5, 5, 3), [1, 3], False)],
+)
+def test_fused_kernel_where_semantics_allow(shape, axis, fused):
+    layer = keras_bn.BatchNormalization(axis=axis)
+    layer.build(shape)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
+    ops = _op_types(step, tf.TensorSpec(shape, tf.float32))
+    assert ("FusedBatchNormV3" in ops) == fused
+    assert ("FusedBatchNormGradV3" in ops) == fused
+    # Counts come from shapes: no tensor of ones the size of the input.
+    assert "OnesLike" not in ops and "Fill" not in ops
+
+
+def test_masked_inputs_take_the_generic_path():
+    layer = keras_bn.BatchNormalization()
+    layer.build((4, 5, 3))
+    ops = _op_types(lambda x, m: layer(x, training=True, mask=m),
+                    tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool))
+    assert "FusedBatchNormV3" not in ops
+
+
+def test_package_docstring_example_runs():
+    layer = keras_bn.BatchNormalization()
+    x = np.random.default_rng(0).normal(3.0, 2.0, (60, 100)).astype("float32")
+    assert abs(float(keras.ops.mean(layer(x, training=True)))) < 1e-5
+
+
+def test_readme_opens_with_two_runnable_commands():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    blocks = [b.split("```")[0].strip() for b in readme.split("```bash")[1:3]]
+    assert len(blocks) == 2 and "pytest" in blocks[1]
+    ci = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
+    assert blocks[1].split("&&")[-1].strip() in ci, "CI must run the README's test command"
