@@ -1,10 +1,26 @@
-"""keras-bn: Batch Normalization (Ioffe & Szegedy, 2015) for Keras 3 on TensorFlow."""
+"""keras-bn: Batch Normalization (Ioffe & Szegedy, 2015) for Keras 3 on TensorFlow.
 
+Public API:
+
+- :class:`BatchNormalization`: the layer (Alg. 1 in training, population statistics in
+  inference, exact n/(n-1), cross-replica moments with ``synchronized=True``).
+- :func:`recompute_population_statistics` and the :class:`PopulationStatistics` callback:
+  Alg. 2, exact population statistics after training.
+- :func:`fold_batch_norm`: an equivalent inference model with BN folded into the preceding
+  Conv/Dense kernels (any other BN becomes an :class:`AffineChannel` multiply-add).
+"""
+
+from keras_bn.folding import AffineChannel, fold_batch_norm
 from keras_bn.layer import BatchNormalization
+from keras_bn.population import PopulationStatistics, recompute_population_statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineChannel",
     "BatchNormalization",
+    "PopulationStatistics",
     "__version__",
+    "fold_batch_norm",
+    "recompute_population_statistics",
 ]

@@ -282,7 +282,7 @@ class BatchNormalization(keras.layers.Layer):
     def _affine(self, x, mean, variance):
         """gamma * (x - mean) / sqrt(variance + epsilon) + beta as one multiply-add."""
         gamma, beta = self._params(x.dtype)
-        multiplier = gamma * tf.math.rsqrt(variance + tf.cast(self.epsilon, x.dtype))
+        multiplier = gamma * tf.math.rsqrt(variance + tf.constant(self.epsilon, x.dtype))
         return x * multiplier + (beta - mean * multiplier)
 
     def _to_statistics_dtype(self, inputs):
@@ -303,9 +303,7 @@ class BatchNormalization(keras.layers.Layer):
             mask = None if mask is None else moments_lib.broadcast_mask(
                 mask, x, self._feature_axes
             )
-            batch = moments_lib.cross_replica_moments(
-                x, self._reduction_axes, replicas, self._moving_mean_broadcast(), mask
-            )
+            batch = moments_lib.cross_replica_moments(x, self._reduction_axes, replicas, mask)
             return self._affine(x, batch.mean, batch.variance), batch
 
         if mask is None and self._can_fuse(inputs):
@@ -317,16 +315,12 @@ class BatchNormalization(keras.layers.Layer):
             )
             batch = moments_lib.local_moments(x, self._reduction_axes, mask)
             outputs = self._affine(x, batch.mean, batch.variance)
-        if replicas is not None:
+        if replicas is not None and self._statistics_observer is None:
             # Local normalization, but every replica's moving statistics receive the same
-            # global-batch update, so the replicas' copies never drift apart.
-            batch = moments_lib.aggregate_across_replicas(
-                replicas, batch, self._moving_mean_broadcast()
-            )
+            # global-batch update, so the replicas' copies never drift apart. (An observer
+            # measuring Alg. 2 wants the batches the layer actually normalized with.)
+            batch = moments_lib.aggregate_across_replicas(replicas, batch)
         return outputs, batch
-
-    def _moving_mean_broadcast(self):
-        return tf.reshape(tf.convert_to_tensor(self.moving_mean), self._broadcast_shape)
 
     def _can_fuse(self, inputs):
         return (
