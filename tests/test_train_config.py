@@ -1,0 +1,221 @@
+"""Trainer flags, presets, configuration resolution and the run directory (no training here)."""
+
+import json
+
+import pytest
+from absl import flags as absl_flags
+from keras_bn.train import config as config_lib
+from keras_bn.train import flags as train_flags
+from keras_bn.train import presets
+from keras_bn.train.run_dir import RunConflictError, RunDir, atomic_write_text
+
+
+def parse(*argv):
+    fv = absl_flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["prog", *argv])
+    return fv
+
+
+# Flags -------------------------------------------------------------------------------------
+
+
+def test_every_flag_has_help_and_config_flags_default_to_none():
+    fv = parse()
+    for name in config_lib.field_names():
+        if name == "preset":
+            continue
+        assert name in fv, f"no flag for config field {name}"
+        assert len(fv[name].help) > 10, name
+        assert fv[name].value is None, f"--{name} must default to None (the preset decides)"
+    for name in ("experiment", "preset", "cpu_replicas", "model_dir"):
+        assert fv[name].help
+
+
+def test_explicit_values_are_the_flags_given_even_when_equal_to_the_default():
+    fv = parse("--preset=mnist_bn", "--batch_size=60", "--nobinarize", "--seed=3")
+    assert train_flags.explicit_values(fv) == {"batch_size": 60, "binarize": False, "seed": 3}
+    assert set(train_flags.present(fv)) == {"batch_size", "binarize", "seed", "preset"}
+
+
+def test_model_kwargs_are_python_literals_or_strings():
+    fv = parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid,x=(1, 2)")
+    # DEFINE_list splits on commas, so tuples cannot be passed; the other values parse.
+    with pytest.raises(ValueError, match="key=value"):
+        train_flags.explicit_values(fv)
+    fv = parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid")
+    assert train_flags.explicit_values(fv)["model_kwargs"] == {
+        "depth_multiplier": 0.25,
+        "use_lrn": False,
+        "activation": "sigmoid",
+    }
+
+
+def test_unknown_preset_and_enum_values_are_flag_errors():
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="mnist_bn"):
+        parse("--preset=mnist")
+    with pytest.raises(absl_flags.IllegalFlagValueError):
+        parse("--strategy=horovod")
+
+
+# Presets -----------------------------------------------------------------------------------
+
+
+def test_every_preset_resolves_and_names_a_zoo_model():
+    from keras_bn import models
+
+    for name in presets.names():
+        config = config_lib.resolve(name, {"model_dir": "/tmp/x"})
+        assert config.model in models.names(), name
+        assert config.preset == name
+        assert presets.get(name).assumptions, f"{name} must document its assumptions"
+
+
+def test_imagenet_presets_follow_section_4_2():
+    table = {
+        name: config_lib.resolve(name, {})
+        for name in ("inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid")
+    }
+    lr = {name: c.learning_rate for name, c in table.items()}
+    assert lr == {
+        "inception": 0.0015,
+        "bn_baseline": 0.0015,
+        "bn_x5": 0.0075,
+        "bn_x30": 0.045,
+        "bn_x5_sigmoid": 0.0075,
+    }
+    assert table["inception"].model == "inception"
+    assert table["bn_x5_sigmoid"].model == "bn_inception_sigmoid"
+    for c in table.values():
+        assert c.batch_size == 32 and c.momentum == 0.9
+        assert c.dataset == "tfds:imagenet2012" and c.augment == "inception"
+    # The baselines keep dropout, LRN, L2 2e-4, decay every 8 epochs, full distortion.
+    for name in ("inception", "bn_baseline"):
+        c = table[name]
+        assert c.model_kwargs == {"dropout_rate": 0.4, "use_lrn": True}
+        assert (c.weight_decay, c.lr_decay_epochs, c.lr_decay_rate) == (2e-4, 8.0, 0.96)
+        assert c.distortion == "full"
+    # Section 4.2.1: no dropout, no LRN, L2 / 5, decay 6x faster, more shuffling, fewer
+    # distortions.
+    for name in ("bn_x5", "bn_x30", "bn_x5_sigmoid"):
+        c = table[name]
+        assert c.model_kwargs == {"dropout_rate": 0.0, "use_lrn": False}
+        assert c.weight_decay == pytest.approx(2e-4 / 5)
+        assert c.lr_decay_epochs == pytest.approx(8.0 / 6.0)
+        assert c.distortion == "reduced"
+        assert c.shuffle_buffer > table["inception"].shuffle_buffer
+
+
+def test_mnist_presets_match_section_4_1_and_the_figure1_experiment():
+    from keras_bn.train import figure1
+
+    base, bn = config_lib.resolve("mnist_baseline", {}), config_lib.resolve("mnist_bn", {})
+    for c in (base, bn):
+        assert (c.model, c.dataset, c.binarize) == ("mlp", "mnist", True)
+        assert (c.batch_size, c.train_steps, c.eval_every) == (60, 50_000, 500)
+        assert c.momentum == 0.0
+        assert c.learning_rate == figure1.DEFAULT_LEARNING_RATE
+    assert base.model_kwargs == {"batch_norm": False}
+    assert bn.model_kwargs == {"batch_norm": True}
+
+
+def test_explicit_values_override_the_preset_and_model_kwargs_merge():
+    config = config_lib.resolve(
+        "bn_x30",
+        {"learning_rate": 0.01, "model_kwargs": {"depth_multiplier": 0.5, "use_lrn": True}},
+    )
+    assert config.learning_rate == 0.01
+    assert config.model_kwargs == {"dropout_rate": 0.0, "use_lrn": True, "depth_multiplier": 0.5}
+    assert config_lib.resolve("bn_x30", {}).model_kwargs["use_lrn"] is False  # preset unchanged
+
+
+def test_defaults_without_a_preset():
+    config = config_lib.resolve(None, {})
+    assert (config.model, config.dataset, config.preset) == ("mlp", "mnist", None)
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("batch_size", 0, "--batch_size"),
+        ("learning_rate", -1.0, "--learning_rate"),
+        ("momentum", 1.0, "--momentum"),
+        ("lr_decay_rate", 1.5, "--lr_decay_rate"),
+        ("dataset", "imagenet", "--dataset"),
+        ("dataset", "tfds:", "tfds:<name>"),
+        ("strategy", "horovod", "--strategy"),
+        ("fold_bn", True, "--fold_bn needs --export_dir"),
+    ],
+)
+def test_bad_values_name_their_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        config_lib.resolve(None, {field: value})
+
+
+def test_identity_ignores_fields_that_do_not_change_the_trajectory():
+    a = config_lib.resolve("mnist_bn", {"train_steps": 10, "verbose": 0, "export_dir": "/e"})
+    b = config_lib.resolve("mnist_bn", {"train_steps": 99, "eval_every": 7})
+    c = config_lib.resolve("mnist_bn", {"learning_rate": 0.1})
+    assert a.identity() == b.identity()
+    assert a.identity() != c.identity()
+    assert "train_steps" not in a.identity() and "learning_rate" in a.identity()
+    assert json.loads(a.to_json())["model_kwargs"] == {"batch_norm": True}
+
+
+# Run directory -----------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_text(tmp_path / "a.json", "1")
+    atomic_write_text(tmp_path / "a.json", "2")
+    assert (tmp_path / "a.json").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_run_dir_refuses_a_different_run_and_foreign_files(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.claim({"lr": 0.5}, json.dumps({"lr": 0.5})):
+        run.commit()
+    assert run.check({"lr": 0.5}) == {"lr": 0.5}
+    with pytest.raises(RunConflictError, match="lr: 0.5 != 0.1"):
+        RunDir(tmp_path / "run").check({"lr": 0.1})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunConflictError, match="not empty"):
+        RunDir(tmp_path / "other").check({"lr": 0.5})
+
+
+def test_failed_start_removes_what_it_created_but_never_an_existing_run(tmp_path):
+    run = RunDir(tmp_path / "new" / "deep" / "run")
+    with pytest.raises(RuntimeError), run.claim({"a": 1}, "{}"):
+        (run.path / "checkpoints").mkdir()
+        raise RuntimeError("model build failed")
+    assert not (tmp_path / "new").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError), RunDir(empty).claim({"a": 1}, "{}"):
+        raise RuntimeError
+    assert empty.exists() and not any(empty.iterdir())
+
+    kept = RunDir(tmp_path / "kept")
+    with kept.claim({"a": 1}, '{"a": 1}'):
+        kept.commit()
+    with pytest.raises(RuntimeError), RunDir(kept.path).claim({"a": 1}, '{"a": 1}'):
+        raise RuntimeError  # a resumed run that fails keeps its directory
+    assert kept.config_path.exists()
+
+
+def test_metrics_are_truncated_to_the_restored_step_and_torn_lines_dropped(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (10, 20, 30):
+        run.append_metrics({"step": step})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 4')  # a line torn by a kill
+    again = RunDir(tmp_path)
+    assert [r["step"] for r in again.metrics()] == [10, 20, 30]
+    again.truncate_metrics(20)
+    assert [json.loads(line)["step"] for line in run.metrics_path.read_text().splitlines()] == [
+        10,
+        20,
+    ]

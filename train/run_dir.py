@@ -1,0 +1,219 @@
+"""The model_dir: its layout, atomic writes, refusing mixed runs, and cleaning up failed starts.
+
+Layout of a run directory::
+
+    config.json      the resolved configuration (rewritten at each start)
+    metrics.jsonl    one JSON object per evaluation
+    summary.json     final metrics, wall time and output paths
+    checkpoints/     tf.train.CheckpointManager files
+    tensorboard/     train/ and eval/ event files
+
+Every file is written to a temporary name in the same folder and renamed into place, so a run
+killed at any instant leaves either the old or the new version, never half of one.
+
+Example:
+
+>>> import tempfile
+>>> run = RunDir(tempfile.mkdtemp() + "/run")
+>>> with run.claim({"model": "mlp"}, "{}"):
+...     run.commit()
+>>> run.check({"model": "mlp"}) is not None
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+
+class RunConflictError(ValueError):
+    """The model_dir holds a different run (or something that is not a run)."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and an atomic rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes `data` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(wanted))
+    return [
+        f"{k}: {saved.get(k, '<unset>')!r} != {wanted.get(k, '<unset>')!r}"
+        for k in keys
+        if saved.get(k, "<unset>") != wanted.get(k, "<unset>")
+    ]
+
+
+class RunDir:
+    """A run directory (see the module docstring for its layout).
+
+    Args:
+        path: the `--model_dir`.
+    """
+
+    CONFIG = "config.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self._created: pathlib.Path | None = None
+        self._emptied = False
+        self._committed = False
+        self._metrics: list[dict[str, Any]] | None = None
+
+    @property
+    def checkpoint_dir(self) -> pathlib.Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> pathlib.Path:
+        return self.path / "tensorboard"
+
+    @property
+    def config_path(self) -> pathlib.Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.path / self.METRICS
+
+    @property
+    def summary_path(self) -> pathlib.Path:
+        return self.path / self.SUMMARY
+
+    def check(self, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Checks that this directory is new, empty, or holds a run with the same identity.
+
+        Args:
+            identity: the configuration fields that must match (`TrainConfig.identity()`,
+                JSON-compatible).
+
+        Returns:
+            The saved configuration when the directory holds a compatible run, else None.
+
+        Raises:
+            RunConflictError: if the directory holds a run with a different identity, or files
+                that are not a run.
+        """
+        if not self.path.exists():
+            return None
+        if not self.path.is_dir():
+            raise RunConflictError(f"--model_dir={self.path} exists and is not a directory.")
+        if not self.config_path.exists():
+            if any(self.path.iterdir()):
+                raise RunConflictError(
+                    f"--model_dir={self.path} is not empty and holds no {self.CONFIG}; "
+                    "choose a new or empty directory."
+                )
+            return None
+        saved = json.loads(self.config_path.read_text())
+        wanted = json.loads(json.dumps(dict(identity)))  # normalize tuples, ints vs floats
+        saved_identity = {k: saved.get(k, "<unset>") for k in wanted}
+        diffs = _differences(saved_identity, wanted)
+        if diffs:
+            raise RunConflictError(
+                f"--model_dir={self.path} holds a run with different flags ("
+                + "; ".join(diffs)
+                + "); use a new --model_dir or repeat that run's flags to resume it."
+            )
+        return saved
+
+    @contextlib.contextmanager
+    def claim(self, identity: Mapping[str, Any], config_json: str) -> Iterator[RunDir]:
+        """Creates the directory and writes `config_json`; undoes it if the body fails early.
+
+        If the body raises before `commit()` (i.e. before the first checkpoint), everything this
+        call created is removed again, so a failed start leaves no half-written model_dir. A
+        directory that already held a run is never removed.
+
+        Args:
+            identity: as for `check`, which runs first.
+            config_json: the text of `config.json`.
+        """
+        existing = self.check(identity)
+        if not self.path.exists():
+            top = self.path
+            while not top.parent.exists():
+                top = top.parent
+            self._created = top
+            self.path.mkdir(parents=True)
+        elif existing is None:
+            self._emptied = True  # an empty directory we fill
+        atomic_write_text(self.config_path, config_json)
+        try:
+            yield self
+        except BaseException:
+            if not self._committed:
+                self._undo()
+            raise
+
+    def commit(self) -> None:
+        """Marks the run as worth keeping (called once the first checkpoint exists)."""
+        self._committed = True
+
+    def _undo(self) -> None:
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+        elif self._emptied:
+            for child in self.path.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    # Metrics: a small file, rewritten atomically with each record.
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Returns the records of metrics.jsonl (a torn last line is dropped)."""
+        if self._metrics is None:
+            self._metrics = []
+            if self.metrics_path.exists():
+                for line in self.metrics_path.read_text().splitlines():
+                    try:
+                        self._metrics.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break
+        return self._metrics
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drops records after `step` (written by a run killed before its next checkpoint)."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        if len(kept) != len(self.metrics()) or self.metrics_path.exists():
+            self._metrics = kept
+            self._write_metrics()
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Adds one record to metrics.jsonl."""
+        self.metrics().append(dict(record))
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(
+            self.metrics_path,
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics()),
+        )

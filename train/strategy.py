@@ -1,0 +1,90 @@
+"""Devices, tf.distribute strategies and mixed precision for the trainer.
+
+Scaling out is tf.distribute's job: this module only picks and configures a strategy.
+
+Example:
+
+>>> strategy = make_strategy("one_device")
+>>> strategy.num_replicas_in_sync
+1
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def split_cpu(replicas: int) -> None:
+    """Splits the first CPU into `replicas` logical devices (a testing aid for mirrored runs).
+
+    Must run before TensorFlow initializes its devices, i.e. before the first op.
+
+    Raises:
+        ValueError: if TensorFlow is already initialized (the split would be ignored).
+    """
+    if replicas <= 1:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
+    except RuntimeError as error:
+        raise ValueError(
+            f"--cpu_replicas={replicas} must be applied before TensorFlow starts: {error}"
+        ) from error
+
+
+def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """Returns the tf.distribute strategy called `name`.
+
+    Args:
+        name: `auto` (MirroredStrategy over all GPUs when there are several, OneDeviceStrategy
+            on the GPU when there is one, else the default strategy), `one_device` (the first
+            GPU, else the CPU), `mirrored` (all GPUs, else all logical CPUs), `multi_worker`
+            (MultiWorkerMirroredStrategy configured by TF_CONFIG) or `tpu`.
+        tpu: the TPU name or address for `tpu` ("" means the local TPU).
+
+    Raises:
+        ValueError: for an unknown name, or a TPU that cannot be reached.
+    """
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy(gpus)
+        if len(gpus) == 1:
+            return tf.distribute.OneDeviceStrategy(gpus[0])
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy((gpus or cpus)[0])
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(gpus or cpus)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as error:
+            raise ValueError(f"--strategy=tpu: no TPU found ({error}).") from error
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"--strategy must be auto|one_device|mirrored|multi_worker|tpu, got {name!r}.")
+
+
+def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy, flag: str) -> None:
+    """Raises ValueError unless the global `batch_size` splits evenly over the replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ValueError(
+            f"{flag}={batch_size} is not divisible by the {replicas} replicas of the strategy; "
+            f"use a multiple of {replicas}."
+        )
+
+
+def dtype_policy(mixed_precision: str) -> str:
+    """Maps `--mixed_precision` to a Keras dtype policy name."""
+    return {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[
+        mixed_precision
+    ]

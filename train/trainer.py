@@ -1,0 +1,425 @@
+"""The training loop: SGD with momentum under a tf.distribute strategy, resumable exactly.
+
+One `Trainer` owns the model, the optimizer, the global step and a `tf.train.CheckpointManager`.
+State saved in each checkpoint: every model variable (weights, moving statistics and the seed
+state of random layers), every optimizer variable, and the step. The data position is a pure
+function of the step (`data.Data.train_dataset(start_step)`), so a run killed at any point and
+restarted with the same flags continues with the very batches it would have seen and ends with
+the same weights as an uninterrupted run.
+
+The loss is softmax cross-entropy on the model's logits, averaged over the GLOBAL batch on each
+replica (`tf.nn.compute_average_loss`), plus the model's regularization losses divided by the
+replica count; Keras's optimizer sums the gradients over replicas.
+
+Example:
+
+```python
+trainer = Trainer(config, strategy, data, run_dir)
+trainer.restore()
+trainer.train()
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras_bn.train.config import TrainConfig
+from keras_bn.train.data import Data
+from keras_bn.train.run_dir import RunDir
+from tensorflow.core.framework import summary_pb2
+
+KEEP_CHECKPOINTS = 3
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class=summary_pb2.DATA_CLASS_SCALAR,
+).SerializeToString()
+
+
+def build_model(config: TrainConfig, spec) -> keras.Model:
+    """Builds `config.model` from the zoo for the data described by `spec`.
+
+    Raises:
+        ValueError: for an unknown model name or arguments its builder does not take.
+    """
+    from keras_bn import models
+
+    if config.model not in models.names():
+        raise ValueError(
+            f"unknown --model={config.model!r}; choose one of {', '.join(models.names())}."
+        )
+    kwargs: dict[str, Any] = {
+        "num_classes": spec.num_classes,
+        "input_shape": tuple(spec.input_shape),
+        "seed": config.seed,
+    }
+    kwargs.update(config.model_kwargs)
+    if config.weight_decay is not None:
+        kwargs["weight_decay"] = config.weight_decay
+    if config.norm_layer == "keras":
+        kwargs["norm_layer"] = keras.layers.BatchNormalization
+    elif config.norm_layer == "keras_bn":
+        import keras_bn
+
+        kwargs["norm_layer"] = keras_bn.BatchNormalization
+    try:
+        return models.get(config.model, **kwargs)
+    except TypeError as error:
+        raise ValueError(
+            f"--model={config.model} does not accept these arguments ({error}); "
+            "check --model_kwargs and --weight_decay."
+        ) from error
+
+
+def learning_rate_fn(config: TrainConfig, num_train_examples: int, step: tf.Variable):
+    """Returns a callable giving the learning rate at the current value of `step`.
+
+    Staircase exponential decay: `lr * rate ** floor(examples_seen / (epochs * N))`.
+    """
+    lr = config.learning_rate
+    if config.lr_decay_epochs <= 0 or config.lr_decay_rate == 1.0:
+        return lambda: tf.constant(lr, tf.float32)
+    decay_steps = config.lr_decay_epochs * num_train_examples / config.batch_size
+
+    def schedule():
+        exponent = tf.floor(tf.cast(step, tf.float64) / decay_steps)
+        return tf.cast(
+            lr * tf.pow(tf.constant(config.lr_decay_rate, tf.float64), exponent), tf.float32
+        )
+
+    return schedule
+
+
+class Trainer:
+    """Trains one model as `config` says, writing into `run_dir`.
+
+    Args:
+        config: the resolved configuration.
+        strategy: the tf.distribute strategy (global batch split over its replicas).
+        data: the input pipelines.
+        run_dir: where checkpoints, TensorBoard logs and metrics go.
+        model: a model built under `strategy.scope()` (default: `build_model(config, ...)`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        strategy: tf.distribute.Strategy,
+        data: Data,
+        run_dir: RunDir,
+        model: keras.Model | None = None,
+    ):
+        self.config = config
+        self.strategy = strategy
+        self.data = data
+        self.run_dir = run_dir
+        with strategy.scope():
+            self.model = model if model is not None else build_model(config, data.spec)
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="global_step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self.learning_rate = learning_rate_fn(config, data.spec.num_train_examples, self.step)
+            optimizer = keras.optimizers.SGD(
+                learning_rate=self.learning_rate, momentum=config.momentum
+            )
+            if config.mixed_precision == "float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(self.model.trainable_variables)
+            self.optimizer = optimizer
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            step=self.step,
+            # Tracked explicitly: Keras does not expose e.g. seed-generator states to tf.train.
+            model_variables=list(self.model.variables),
+            optimizer_variables=list(self.optimizer.variables),
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(run_dir.checkpoint_dir), max_to_keep=KEEP_CHECKPOINTS
+        )
+        self._train_fn = None
+        self._eval_fn = None
+        self._eval_dataset = None
+        self._writers: dict[str, Any] = {}
+
+    # State --------------------------------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        return int(self.step.numpy())
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint, if any; returns the step it holds (0 if none)."""
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return 0
+        self.checkpoint.restore(latest).assert_consumed()
+        return self.current_step
+
+    def save(self) -> str:
+        """Writes a checkpoint for the current step."""
+        return self.manager.save(checkpoint_number=self.current_step)
+
+    # Compiled functions -------------------------------------------------------------------
+
+    def _replica_train_step(self, batch):
+        x, y = batch
+        model, optimizer = self.model, self.optimizer
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(x, training=True), tf.float32)
+            per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.config.batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(
+                    tf.add_n([tf.cast(v, tf.float32) for v in model.losses])
+                )
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), tf.cast(y, tf.int32)), tf.float32)
+        )
+        count = tf.cast(tf.shape(y)[0], tf.float32)
+        return tf.stack([tf.reduce_sum(per_example), correct, count])
+
+    def _make_train_fn(self):
+        replica_step = self._replica_train_step
+        if self.config.jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
+        strategy, step = self.strategy, self.step
+
+        @tf.function
+        def train_steps(iterator, n):
+            totals = tf.zeros([3])
+            for _ in tf.range(n):
+                per_replica = strategy.run(replica_step, args=(next(iterator),))
+                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                step.assign_add(1)
+            return totals
+
+        return train_steps
+
+    def _replica_eval_step(self, batch):
+        x, y = batch
+        logits = tf.cast(self.model(x, training=False), tf.float32)
+        y = tf.cast(y, tf.int32)
+        per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float32)
+        k = min(5, self.data.spec.num_classes)
+        top5 = tf.cast(tf.math.in_top_k(y, logits, k), tf.float32)
+        count = tf.cast(tf.shape(y)[0], tf.float32)
+        return tf.stack(
+            [tf.reduce_sum(per_example), tf.reduce_sum(top1), tf.reduce_sum(top5), count]
+        )
+
+    def _make_eval_fn(self):
+        strategy, replica_step = self.strategy, self._replica_eval_step
+
+        @tf.function
+        def evaluate(dataset):
+            totals = tf.zeros([4])
+            for batch in dataset:
+                per_replica = strategy.run(replica_step, args=(batch,))
+                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            return totals
+
+        return evaluate
+
+    # Evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluates on the evaluation split; returns loss, accuracy (and top-5 accuracy)."""
+        if self._eval_fn is None:
+            self._eval_fn = self._make_eval_fn()
+            self._eval_dataset = self.strategy.experimental_distribute_dataset(
+                self.data.eval_dataset()
+            )
+        loss, top1, top5, count = self._eval_fn(self._eval_dataset).numpy().tolist()
+        if count == 0:
+            raise ValueError("the evaluation split is empty.")
+        result = {"eval_loss": loss / count, "eval_accuracy": top1 / count}
+        if self.data.spec.num_classes > 10:
+            result["eval_top5_accuracy"] = top5 / count
+        return result
+
+    # Training -----------------------------------------------------------------------------
+
+    def _writer(self, name: str):
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(
+                str(self.run_dir.tensorboard_dir / name)
+            )
+        return self._writers[name]
+
+    def _summaries(self, name: str, step: int, values: dict[str, float]) -> None:
+        with self._writer(name).as_default(step=step):
+            for key, value in values.items():
+                # tf.summary.write + scalar metadata: TensorBoard's format without needing the
+                # tensorboard package (tf.summary.scalar does).
+                tf.summary.write(
+                    key.removeprefix(f"{name}_"),
+                    tf.constant(value, tf.float32),
+                    metadata=_SCALAR_METADATA,
+                )
+
+    def train(self, on_checkpoint=None) -> dict[str, Any]:
+        """Trains from the current step to `config.train_steps`.
+
+        Evaluates every `eval_every` steps and at the end, checkpoints every
+        `checkpoint_interval` steps and at the end, logs to TensorBoard and metrics.jsonl.
+
+        Args:
+            on_checkpoint: called with the step after each checkpoint is written.
+
+        Returns:
+            The metrics record of the final step.
+        """
+        c = self.config
+        start = self.current_step
+        if start > c.train_steps:
+            raise ValueError(
+                f"--model_dir={self.run_dir.path} is already trained to step {start} > "
+                f"--train_steps={c.train_steps}; pass --train_steps>={start}."
+            )
+        self.run_dir.truncate_metrics(start)
+        record = next((r for r in self.run_dir.metrics() if r["step"] == start), None)
+        t_start = time.perf_counter()
+        step = start
+        self._interval = _Interval(step)
+        if step < c.train_steps:
+            if self._train_fn is None:
+                self._train_fn = self._make_train_fn()
+            dataset = self.strategy.experimental_distribute_dataset(
+                self.data.train_dataset(start_step=start)
+            )
+            iterator = iter(dataset)
+        progbar = None
+        while step < c.train_steps:
+            if progbar is None and c.verbose == 1:
+                target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
+                print(f"Steps {step}-{target} of {c.train_steps}")
+                progbar = keras.utils.Progbar(
+                    target - step,
+                    unit_name="step",
+                    stateful_metrics=["loss", "accuracy", "lr", "steps/s"],
+                )
+            chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
+            chunk_start = time.perf_counter()
+            totals = self._train_fn(iterator, tf.constant(chunk, tf.int64)).numpy()
+            rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
+            step += chunk
+            self._interval.add(totals)
+            values = {
+                "train_loss": float(totals[0] / totals[2]),
+                "train_accuracy": float(totals[1] / totals[2]),
+                "learning_rate": float(self.learning_rate()),
+                "steps_per_sec": rate,
+            }
+            self._summaries("train", step, values)
+            if progbar is not None:
+                progbar.update(
+                    step - self._interval.start_step,
+                    [
+                        ("loss", values["train_loss"]),
+                        ("accuracy", values["train_accuracy"]),
+                        ("lr", values["learning_rate"]),
+                        ("steps/s", rate),
+                    ],
+                )
+            if step % c.eval_every == 0 or step == c.train_steps:
+                record = self._evaluate_and_record(step, progbar)
+                progbar = None
+            if step % c.checkpoint_interval == 0 or step == c.train_steps:
+                self.save()
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
+        if record is None or record["step"] != step:
+            record = self._evaluate_and_record(step, None)
+        for writer in self._writers.values():
+            writer.flush()
+        self.train_seconds = time.perf_counter() - t_start
+        return record
+
+    def _next_boundary(self, step: int) -> int:
+        """The next step at which to evaluate, checkpoint or stop."""
+        c = self.config
+        return min(
+            c.train_steps,
+            (step // c.eval_every + 1) * c.eval_every,
+            (step // c.checkpoint_interval + 1) * c.checkpoint_interval,
+        )
+
+    def _evaluate_and_record(self, step: int, progbar) -> dict[str, Any]:
+        c = self.config
+        values = self.evaluate()
+        self._summaries("eval", step, values)
+        record = {
+            "step": step,
+            "epoch": step * c.batch_size / self.data.spec.num_train_examples,
+            "learning_rate": float(self.learning_rate()),
+            **self._interval.train_metrics(),
+            **values,
+            **self._interval.speed(step),
+            "wall_time": time.time(),
+        }
+        if progbar is not None:
+            progbar.update(
+                step - self._interval.start_step,
+                [(k.replace("eval_", "val_"), v) for k, v in values.items()],
+                finalize=True,
+            )
+        elif c.verbose == 2:
+            print(_format_record(record), flush=True)
+        self.run_dir.append_metrics(record)
+        self._interval = _Interval(step)
+        return record
+
+
+class _Interval:
+    """Training loss/accuracy sums and timing since the last evaluation."""
+
+    def __init__(self, step: int):
+        self.start_step = step
+        self.start_time = time.perf_counter()
+        self.totals = np.zeros(3)
+
+    def add(self, totals: np.ndarray) -> None:
+        self.totals += totals
+
+    def train_metrics(self) -> dict[str, float]:
+        loss, correct, count = self.totals
+        if not count:
+            return {}
+        return {"train_loss": float(loss / count), "train_accuracy": float(correct / count)}
+
+    def speed(self, step: int) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start_time
+        done = step - self.start_step
+        if not done or seconds <= 0:
+            return {}
+        return {"steps_per_sec": done / seconds, "examples_per_sec": self.totals[2] / seconds}
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "eval_loss",
+        "eval_accuracy",
+        "eval_top5_accuracy",
+        "steps_per_sec",
+    ):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(f"{key} {value:.4f}")
+    return " - ".join(parts)
