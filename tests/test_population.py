@@ -470,12 +470,6 @@ def test_mirrored_synchronized_layer_matches_global_oracle(mirrored_report):
         assert max(errors["bn1"]) < 1e-4, (case, errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keras_bn/layer.py hands the observer of a NON-synchronized layer the global "
-    "(all-replica) statistics under a multi-replica strategy, not the replica's local batch "
-    "that the layer normalized with (the hook contract); remove this marker once it does.",
-)
 def test_mirrored_local_layer_uses_each_replica_batch(mirrored_report):
     for case, errors in mirrored_report.items():
         assert errors["bn2_count"] == 48, case  # every replica's local half, once
