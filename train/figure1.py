@@ -399,6 +399,8 @@ def _train_net(name, config, data, indices, log):
     every = 1 if config["verbose"] == 2 else max(1, evals // 10)
     for k in range(evals):
         loss = float(train_chunk(tf.constant(indices[k * eval_every : (k + 1) * eval_every])))
+        if k == 0:
+            log.compiled(eval_every, time.perf_counter() - start)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"figure1: the {name} net's training loss is {loss} at step "
@@ -449,13 +451,22 @@ class _Logger:
         self.verbose = verbose
         self.total_steps = total_steps
         self.done_steps = 0
+        self.first_chunk = (0, 0.0)
 
     def line(self, text):
         if self.verbose:
             print(text, flush=True)
 
+    def compiled(self, steps, elapsed):
+        """Marks the end of the first (compiling) chunk, left out of the steps/s rate."""
+        self.first_chunk = (steps, elapsed)
+
     def progress(self, name, step, steps, elapsed, record):
-        rate = step / max(elapsed, 1e-9)
+        first_steps, first_elapsed = self.first_chunk
+        if step > first_steps:
+            rate = (step - first_steps) / max(elapsed - first_elapsed, 1e-9)
+        else:
+            rate = step / max(elapsed, 1e-9)
         remaining = self.total_steps - self.done_steps - step
         p = record["sigmoid_input_percentiles"]
         self.line(
