@@ -6,11 +6,8 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
+from keras_bn import fused as fused_lib
 from keras_bn import moments as moments_lib
-
-# cuDNN's fused kernel refuses epsilon below 1e-5; keep the fused path where it runs everywhere.
-_FUSED_MIN_EPSILON = 1.001e-5
-_FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -67,6 +64,12 @@ class BatchNormalization(keras.layers.Layer):
             cross-replica context or with no strategy the layer behaves as the local one.
         unbiased_variance: If True (default, as the paper), the moving variance is updated with
             ``n/(n-1)`` times the batch variance.
+        fused: How the training transform is computed when the feature axes are a contiguous
+            block first or last and there is no mask and no cross-replica moments. ``None``
+            (default): TensorFlow's FusedBatchNormV3 kernel when a GPU is visible, an
+            XLA-compiled fused formulation on CPUs (faster there). ``True``: always
+            FusedBatchNormV3 (needs ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops.
+            All give the same results to float rounding.
         **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -115,6 +118,7 @@ class BatchNormalization(keras.layers.Layer):
         moving_variance_constraint=None,
         synchronized=False,
         unbiased_variance=True,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -145,6 +149,14 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_variance_constraint = constraints.get(moving_variance_constraint)
         self.synchronized = bool(synchronized)
         self.unbiased_variance = bool(unbiased_variance)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False; got fused={fused!r}.")
+        if fused is True and epsilon < fused_lib.KERNEL_MIN_EPSILON:
+            raise ValueError(
+                f"fused=True uses FusedBatchNormV3, which needs epsilon >= "
+                f"{fused_lib.KERNEL_MIN_EPSILON}; got epsilon={epsilon}. Use fused=None."
+            )
+        self.fused = fused
         self.supports_masking = True
 
         self.gamma = None
@@ -178,7 +190,7 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = [
             input_shape[a] if a in self._feature_axes else 1 for a in range(rank)
         ]
-        self._fused_layout = _fused_layout(self._feature_axes, rank)
+        self._fused_layout = fused_lib.fused_layout(self._feature_axes, rank)
 
         if self.scale:
             self.gamma = self.add_weight(
@@ -324,57 +336,46 @@ class BatchNormalization(keras.layers.Layer):
 
     def _can_fuse(self, inputs):
         return (
-            self._fused_layout is not None
-            and inputs.dtype in _FUSED_DTYPES
+            self.fused is not False
+            and self._fused_layout is not None
+            and inputs.dtype in fused_lib.SUPPORTED_DTYPES
             and self._statistics_dtype == "float32"
-            and self.epsilon >= _FUSED_MIN_EPSILON
         )
 
     def _fused_training(self, inputs):
-        """Alg. 1 with TensorFlow's FusedBatchNormV3 (forward and gradient kernels).
-
-        Any rank is viewed as a 4-D NHWC or NCHW tensor with the same statistics: the feature
-        axes become the channel axis, everything else batch and space.
-        """
-        layout = self._fused_layout
+        """Alg. 1 as one fused computation (keras_bn.fused), for any rank."""
         channels = 1
         for d in self._param_shape:
             channels *= d
-        shape = tf.shape(inputs)
-        if layout == "NHWC":
-            x4 = tf.reshape(inputs, [-1, 1, 1, channels])
-        else:
-            rest = tf.reduce_prod(shape[1 + len(self._feature_axes) :])
-            x4 = tf.reshape(inputs, tf.stack([shape[0], channels, rest, 1]))
-        gamma = (
-            tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels], tf.float32)
+        gamma = tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels])
+        beta = tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels])
+        outputs, mean, variance = fused_lib.batch_norm_training(
+            inputs,
+            tf.cast(gamma, tf.float32),
+            tf.cast(beta, tf.float32),
+            self.epsilon,
+            self._fused_layout,
+            channels,
+            len(self._feature_axes),
+            self._fused_implementation(),
         )
-        beta = (
-            tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels], tf.float32)
-        )
-        empty = tf.zeros([0], tf.float32)
-        y4, mean, corrected_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x4,
-            scale=tf.cast(gamma, tf.float32),
-            offset=tf.cast(beta, tf.float32),
-            mean=empty,
-            variance=empty,
-            epsilon=self.epsilon,
-            exponential_avg_factor=1.0,
-            data_format=layout,
-            is_training=True,
-        )
-        outputs = tf.reshape(y4, shape)
         count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
-        # The kernel returns n/(n-1) * var on the local count (0 for n == 1): undo it, so the
-        # moving-statistics rule below applies one exact correction on the right n.
-        variance = corrected_variance * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
         batch = moments_lib.Moments(
             count,
             tf.reshape(mean, self._broadcast_shape),
             tf.reshape(variance, self._broadcast_shape),
         )
         return outputs, batch
+
+    def _fused_implementation(self):
+        if self.fused is True:
+            return "kernel"
+        if self.fused is None:
+            implementation = fused_lib.default_implementation()
+            if implementation == "kernel" and self.epsilon < fused_lib.KERNEL_MIN_EPSILON:
+                return "xla"
+            return implementation
+        raise AssertionError("unreachable: fused=False never takes the fused path")
 
     # ------------------------------------------------------------------- moving statistics
 
@@ -439,6 +440,7 @@ class BatchNormalization(keras.layers.Layer):
                 ),
                 "synchronized": self.synchronized,
                 "unbiased_variance": self.unbiased_variance,
+                "fused": self.fused,
             }
         )
         return config
@@ -481,16 +483,3 @@ def _normalize_axes(axis, rank):
             f"axis={axis} leaves no axis to take statistics over for inputs of rank {rank}."
         )
     return sorted(normalized)
-
-
-def _fused_layout(feature_axes, rank):
-    """"NHWC" when the feature axes are a contiguous block at the end, "NCHW" when they are
-    a contiguous block right after the batch axis, else None (generic path)."""
-    contiguous = feature_axes == list(range(feature_axes[0], feature_axes[-1] + 1))
-    if not contiguous:
-        return None
-    if feature_axes[-1] == rank - 1:
-        return "NHWC"
-    if feature_axes[0] == 1:
-        return "NCHW"
-    return None

@@ -13,7 +13,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import TESTS_DIR, run_python
 
 PRELUDE = """
@@ -265,8 +264,10 @@ def stats(model):
 # A custom loop: Keras 3.15's fit() fails under MultiWorkerMirroredStrategy in its symbolic
 # build (strategy.reduce on the first distributed batch), independently of this layer.
 x, y = data()
-distributed = sys.argv[1] == "worker"
-strategy = tf.distribute.MultiWorkerMirroredStrategy() if distributed else tf.distribute.get_strategy()
+if sys.argv[1] == "worker":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+else:
+    strategy = tf.distribute.get_strategy()
 replicas = strategy.num_replicas_in_sync
 with strategy.scope():
     model = build()

@@ -27,6 +27,7 @@ NON_DEFAULT = dict(
     moving_variance_constraint=keras.constraints.NonNeg(),
     synchronized=True,
     unbiased_variance=False,
+    fused=False,
     name="bn_all_args",
 )
 
@@ -132,18 +133,20 @@ def test_mixed_precision_keeps_float32_state_and_compute_dtype_output(policy):
         keras.config.set_dtype_policy(previous)
 
 
-def _op_types(fn, *args):
-    graph = tf.function(fn).get_concrete_function(*args).graph
-    return {op.type for op in graph.get_operations()}
+FUSABLE = [((4, 5, 5, 3), -1, True), ((4, 3, 5, 5), 1, True), ((8, 3), -1, True),
+           ((2, 3, 4, 5, 6), -1, True), ((4, 5, 5, 3), 2, False),
+           ((4, 5, 5, 3), [1, 3], False)]
 
 
-@pytest.mark.parametrize(
-    "shape,axis,fused",
-    [((4, 5, 5, 3), -1, True), ((4, 3, 5, 5), 1, True), ((8, 3), -1, True),
-     ((2, 3, 4, 5, 6), -1, True), ((4, 5, 5, 3), 2, False), ((4, 5, 5, 3), [1, 3], False)],
-)
-def test_fused_kernel_where_semantics_allow(shape, axis, fused):
-    layer = keras_bn.BatchNormalization(axis=axis)
+def _must_compile(op):
+    try:
+        return bool(op.get_attr("_XlaMustCompile"))
+    except ValueError:
+        return False
+
+
+def _training_step_ops(shape, axis, **kwargs):
+    layer = keras_bn.BatchNormalization(axis=axis, **kwargs)
     layer.build(shape)
 
     def step(x):
@@ -152,19 +155,47 @@ def test_fused_kernel_where_semantics_allow(shape, axis, fused):
             y = layer(x, training=True)
         return tape.gradient(y, x)
 
-    ops = _op_types(step, tf.TensorSpec(shape, tf.float32))
-    assert ("FusedBatchNormV3" in ops) == fused
-    assert ("FusedBatchNormGradV3" in ops) == fused
+    graph = tf.function(step).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    ops = {op.type for op in graph.get_operations()}
+    xla_calls = [op for op in graph.get_operations() if _must_compile(op)]
+    return ops, len(xla_calls)
+
+
+@pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
+def test_fused_kernel_when_asked(shape, axis, fusable):
+    ops, _ = _training_step_ops(shape, axis, fused=True)
+    assert ("FusedBatchNormV3" in ops) == fusable
+    assert ("FusedBatchNormGradV3" in ops) == fusable
     # Counts come from shapes: no tensor of ones the size of the input.
     assert "OnesLike" not in ops and "Fill" not in ops
+
+
+@pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
+def test_default_on_cpu_is_the_xla_fused_formulation(shape, axis, fusable):
+    ops, xla_calls = _training_step_ops(shape, axis)
+    assert "FusedBatchNormV3" not in ops  # no GPU here: the XLA formulation is faster
+    assert (xla_calls == 2) == fusable  # forward and backward, each one compiled cluster
+    assert "OnesLike" not in ops and "Fill" not in ops
+
+
+def test_unfused_uses_plain_ops():
+    ops, xla_calls = _training_step_ops((4, 5, 5, 3), -1, fused=False)
+    assert "FusedBatchNormV3" not in ops and xla_calls == 0
+
+
+def test_fused_true_needs_kernel_epsilon():
+    with pytest.raises(ValueError, match="epsilon"):
+        keras_bn.BatchNormalization(fused=True, epsilon=1e-6)
+    keras_bn.BatchNormalization(epsilon=1e-6)  # the default picks a path that allows it
 
 
 def test_masked_inputs_take_the_generic_path():
     layer = keras_bn.BatchNormalization()
     layer.build((4, 5, 3))
-    ops = _op_types(lambda x, m: layer(x, training=True, mask=m),
-                    tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool))
-    assert "FusedBatchNormV3" not in ops
+    graph = tf.function(lambda x, m: layer(x, training=True, mask=m)).get_concrete_function(
+        tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool)).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "FusedBatchNormV3" not in ops and "StatefulPartitionedCall" not in ops
 
 
 def test_package_docstring_example_runs():

@@ -23,7 +23,7 @@ CASES = [
 ]
 
 
-def _setup(shape, axis, mask_shape, seed):
+def _setup(shape, axis, mask_shape, seed, fused=None):
     rng = np.random.default_rng(seed)
     x = rng.normal(1.5, 2.0, shape).astype(np.float32)
     dy = rng.normal(0.0, 1.0, shape).astype(np.float32)
@@ -32,6 +32,7 @@ def _setup(shape, axis, mask_shape, seed):
         axis=axis,
         gamma_initializer=keras_bn_init(rng),
         beta_initializer=keras_bn_init(rng),
+        fused=fused,
     )
     layer.build(shape)
     feature_axes = layer._feature_axes
@@ -70,10 +71,16 @@ def _run(layer, x, dy, mask, dtype, jit):
     return [np.asarray(tf.cast(t, tf.float64)) for t in out]
 
 
+# fused=None: the default (XLA formulation on CPU); True: FusedBatchNormV3; False: plain ops.
+IMPLEMENTATIONS = [(None, False), (None, True), (True, False), (False, False)]
+
+
 @pytest.mark.parametrize("name,shape,axis,mask_shape", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
-def test_float32_outputs_and_gradients_match_oracle(name, shape, axis, mask_shape, jit):
-    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=1)
+@pytest.mark.parametrize("fused,jit", IMPLEMENTATIONS,
+                         ids=["auto", "auto-in-jit", "kernel", "unfused"])
+def test_float32_outputs_and_gradients_match_oracle(name, shape, axis, mask_shape, fused, jit):
+    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=1,
+                                                             fused=fused)
     y, dx, dgamma, dbeta = _run(layer, x, dy, mask, tf.float32, jit)
     ref_y = bn_oracle.forward(x, red, gamma, beta, layer.epsilon, full_mask)
     ref_dx, ref_dgamma, ref_dbeta = bn_oracle.backward(x, dy, red, gamma, layer.epsilon, full_mask)
@@ -89,8 +96,10 @@ def test_float32_outputs_and_gradients_match_oracle(name, shape, axis, mask_shap
     [CASES[0], CASES[1], CASES[2], CASES[9]],
     ids=["dense", "nhwc", "nchw", "sequence_mask"],
 )
-def test_half_precision_inputs_match_oracle(dtype, name, shape, axis, mask_shape):
-    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=2)
+@pytest.mark.parametrize("fused", [None, True])
+def test_half_precision_inputs_match_oracle(dtype, name, shape, axis, mask_shape, fused):
+    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=2,
+                                                             fused=fused)
     # The oracle sees exactly the values the layer sees after the cast.
     x = np.asarray(tf.cast(tf.cast(x, dtype), tf.float32))
     y, dx, dgamma, dbeta = _run(layer, x, dy, mask, getattr(tf, dtype), jit=False)
