@@ -185,6 +185,12 @@ def test_binarization_threshold():
     np.testing.assert_allclose(x, [[0, 127 / 255, 128 / 255, 1]])
 
 
+def test_first_step_at_threshold():
+    assert figure1.first_step_at([0.1, 0.5, 0.96, 0.97], 500, 0.95) == 1000
+    assert figure1.first_step_at([0.1, 0.95], 100, 0.95) == 100
+    assert figure1.first_step_at([0.1, 0.5], 500, 0.95) is None
+
+
 def test_percentiles_are_ordered():
     assert figure1.percentiles(np.arange(101)) == [15.0, 50.0, 85.0]
 
