@@ -9,8 +9,8 @@ block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of
   1.5-4x faster than the fused kernel (see ``benchmarks/layer_step.py``), because XLA fuses the
   reductions and the elementwise passes; it also works inside an outer ``jit_compile``.
 
-Both view the input as a 3-D tensor ``[A, C, B]`` whose statistics are taken over ``A`` and
-``B`` (``B == 1`` for channels-last), so any rank works with one code path.
+Both view the input as ``[A, C]`` (channels-last) or ``[A, C, B]`` (channels-first) with
+statistics over every axis but ``C``, so any rank works with one code path.
 """
 
 from __future__ import annotations
@@ -39,12 +39,22 @@ def default_implementation() -> str:
     return "kernel" if tf.config.list_logical_devices("GPU") else "xla"
 
 
-def _as_3d(x, layout, channels, num_feature_axes):
-    shape = tf.shape(x)
+def _as_channels_second(x, layout, channels, num_feature_axes):
+    """``[A, C]`` for channels-last (cheapest for XLA to reduce), ``[A, C, B]`` otherwise."""
     if layout == "NHWC":
-        return tf.reshape(x, [-1, channels, 1])
+        return tf.reshape(x, [-1, channels])
+    shape = tf.shape(x)
     rest = tf.reduce_prod(shape[1 + num_feature_axes :])
     return tf.reshape(x, tf.stack([shape[0], channels, rest]))
+
+
+def _reduction_axes(x):
+    return [0] if x.shape.rank == 2 else [0, 2]
+
+
+def _per_channel(v, x):
+    """A length-C vector shaped to broadcast against ``x`` ([A, C] or [A, C, B])."""
+    return v if x.shape.rank == 2 else v[:, None]
 
 
 def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_axes,
@@ -64,7 +74,7 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
         ``y`` with the shape and dtype of ``x``; float32 ``mean`` and *biased* ``variance``
         of length ``channels``.
     """
-    x3 = _as_3d(x, layout, channels, num_feature_axes)
+    x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     if implementation == "kernel":
         y3, mean, variance = _kernel_training(x3, gamma, beta, epsilon, layout)
     else:
@@ -74,7 +84,7 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
 
 def _kernel_training(x3, gamma, beta, epsilon, layout):
     channels = x3.shape[1]
-    # [A, C, 1] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1].
+    # [A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1].
     x4 = tf.reshape(x3, [-1, 1, 1, channels]) if layout == "NHWC" else x3[..., None]
     empty = tf.zeros([0], tf.float32)
     y4, mean, corrected, _, _, _ = tf.raw_ops.FusedBatchNormV3(
@@ -97,24 +107,28 @@ def _kernel_training(x3, gamma, beta, epsilon, layout):
 @tf.function(jit_compile=True)
 def _xla_forward(x3, gamma, beta, epsilon):
     x = tf.cast(x3, tf.float32)
-    mean = tf.reduce_mean(x, [0, 2], keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), [0, 2], keepdims=True)
-    multiplier = gamma[:, None] * tf.math.rsqrt(variance + epsilon)
-    y = x * multiplier + (beta[:, None] - mean * multiplier)
+    axes = _reduction_axes(x)
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    multiplier = _per_channel(gamma, x) * tf.math.rsqrt(variance + epsilon)
+    y = x * multiplier + (_per_channel(beta, x) - mean * multiplier)
     return tf.cast(y, x3.dtype), tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
 
 
 @tf.function(jit_compile=True)
 def _xla_backward(dy3, x3, mean, variance, gamma, epsilon):
-    """The paper's chain rule for Alg. 1 with mean and variance taken over axes 0 and 2."""
+    """The paper's chain rule for Alg. 1, statistics over every axis but 1."""
     x = tf.cast(x3, tf.float32)
     dy = tf.cast(dy3, tf.float32)
-    inv = tf.math.rsqrt(variance + epsilon)[:, None]
-    x_hat = (x - mean[:, None]) * inv
-    d_beta = tf.reduce_sum(dy, [0, 2])
-    d_gamma = tf.reduce_sum(dy * x_hat, [0, 2])
-    n = tf.cast(tf.shape(x)[0] * tf.shape(x)[2], tf.float32)
-    dx = (gamma[:, None] * inv / n) * (n * dy - d_beta[:, None] - x_hat * d_gamma[:, None])
+    axes = _reduction_axes(x)
+    inv = _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    x_hat = (x - _per_channel(mean, x)) * inv
+    d_beta = tf.reduce_sum(dy, axes)
+    d_gamma = tf.reduce_sum(dy * x_hat, axes)
+    n = tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
+    dx = (_per_channel(gamma, x) * inv / n) * (
+        n * dy - _per_channel(d_beta, x) - x_hat * _per_channel(d_gamma, x)
+    )
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
