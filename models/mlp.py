@@ -1,0 +1,161 @@
+"""The paper's MNIST network (section 4.1, Figure 1), with and without Batch Normalization."""
+
+import keras
+from keras_bn.models import _common
+
+DEFAULT_INIT_STDDEV = 0.01
+
+
+def mlp(
+    *,
+    batch_norm=True,
+    norm_layer=None,
+    num_classes=10,
+    input_shape=(784,),
+    hidden_units=(100, 100, 100),
+    init_stddev=DEFAULT_INIT_STDDEV,
+    seed=None,
+    bn_momentum=0.99,
+    bn_epsilon=1e-3,
+    name=None,
+):
+    """Builds the MNIST net of the paper's section 4.1: 784 -> 3 x (100, sigmoid) -> 10 logits.
+
+    With `batch_norm=True` every hidden layer is `Dense(use_bias=False) -> norm_layer() ->
+    Activation("sigmoid")`: BN sits right before the nonlinearity and takes over the bias
+    (paper section 3.2). With `batch_norm=False` it is the baseline, `Dense(use_bias=True) ->
+    Activation("sigmoid")`. The output layer is `Dense(num_classes)` with a bias and no BN.
+
+    The model returns LOGITS (no softmax): train it with
+    `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`, the paper's cross-entropy.
+
+    Layers are named `hidden{i}_dense`, `hidden{i}_bn` (BN net only), `hidden{i}_sigmoid` for
+    i = 1, 2, 3, and `logits`. The input of the sigmoid of hidden layer i (Figure 1(b, c)) is
+    `model.get_layer(f"hidden{i}_sigmoid").input`; `preactivation_model` builds the sub-model.
+
+    Where the paper is silent (spec section 2.2), this builder chooses:
+
+    - Initialization: every weight matrix (output layer included) drawn from N(0, 0.01^2)
+      (`init_stddev`; spec section 2.2 suggests 0.01 for "small random Gaussian values").
+      Biases and beta start at 0, gamma at 1. The BN net does not depend on this scale; the
+      baseline does: its sigmoid inputs start tiny (std ~0.1 in layer 1 for binary MNIST,
+      ~0.05 above) and its gradients small, so it starts slowly and catches up later.
+    - BN: momentum 0.99 and epsilon 1e-3 (Keras's defaults), gamma and beta learned.
+    - Input: 784 floats; binarizing or scaling the images is the data pipeline's job.
+
+    Args:
+        batch_norm: bool, build the BN net (True) or the baseline (False).
+        norm_layer: layer class or callable taking Keras BatchNormalization keyword arguments
+            (`axis, momentum, epsilon, center, scale, name`); None means
+            `keras_bn.BatchNormalization`. Pass `keras.layers.BatchNormalization` to build the
+            same net with Keras's layer. Unused when `batch_norm=False`.
+        num_classes: int, number of logits.
+        input_shape: shape of one example, `(784,)` for flat MNIST.
+        hidden_units: sequence of hidden layer widths, one sigmoid layer each.
+        init_stddev: float > 0, standard deviation of the Gaussian weight initialization.
+        seed: None or int; an int makes the initial weights reproducible.
+        bn_momentum: passed to the norm layer as `momentum`.
+        bn_epsilon: passed to the norm layer as `epsilon`.
+        name: model name; default "mlp_bn" or "mlp".
+
+    Returns:
+        An uncompiled `keras.Model` mapping `(batch,) + input_shape` to `(batch, num_classes)`
+        logits.
+
+    Reference:
+        Ioffe & Szegedy, 2015, section 4.1 and Figure 1.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_bn import models
+    >>> model = models.get("mlp", batch_norm=True, norm_layer=keras.layers.BatchNormalization)
+    >>> model.output_shape
+    (None, 10)
+    """
+    if not init_stddev > 0:
+        raise ValueError(f"`init_stddev` must be > 0; received {init_stddev!r}.")
+    hidden_units = tuple(hidden_units)
+    if not hidden_units or any(int(units) < 1 for units in hidden_units):
+        raise ValueError(
+            f"`hidden_units` must be a non-empty sequence of positive ints; received "
+            f"{hidden_units!r}."
+        )
+    if int(num_classes) < 1:
+        raise ValueError(f"`num_classes` must be a positive int; received {num_classes!r}.")
+    if batch_norm:
+        norm_layer = _common.resolve_norm_layer(norm_layer)
+    seeds = _common.SeedStream(seed)
+
+    def init():
+        return keras.initializers.RandomNormal(stddev=init_stddev, seed=seeds())
+
+    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    x = inputs
+    for i, units in enumerate(hidden_units, start=1):
+        x = keras.layers.Dense(
+            int(units),
+            use_bias=not batch_norm,
+            kernel_initializer=init(),
+            name=f"hidden{i}_dense",
+        )(x)
+        if batch_norm:
+            x = norm_layer(
+                axis=-1,
+                momentum=bn_momentum,
+                epsilon=bn_epsilon,
+                center=True,
+                scale=True,
+                name=f"hidden{i}_bn",
+            )(x)
+        x = keras.layers.Activation("sigmoid", name=f"hidden{i}_sigmoid")(x)
+    outputs = keras.layers.Dense(
+        int(num_classes),
+        kernel_initializer=init(),
+        dtype=_common.logits_dtype(),
+        name="logits",
+    )(x)
+    if name is None:
+        name = "mlp_bn" if batch_norm else "mlp"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def preactivation_model(model):
+    """Returns a model from `model.inputs` to the input of every hidden sigmoid, in order.
+
+    The tensors are `model.get_layer(f"hidden{i}_sigmoid").input` for i = 1, 2, ...; the new
+    model shares the weights of `model`. Called with `training=True` on a BN net it gives the
+    training network's view N_BN^tr of Figure 1(c) (batch statistics, `gamma * x_hat + beta`);
+    with `training=False` the inference view (population statistics). For the baseline it gives
+    `W u + b`. Mind that calling any BN layer with `training=True` also moves its moving
+    statistics (Keras's layer and keras_bn's alike), exactly as calling `model` would.
+
+    Args:
+        model: a model built by `mlp` (or any model with layers named `hidden{i}_sigmoid`).
+
+    Returns:
+        A `keras.Model` whose output is a list of one `(batch, units)` tensor per hidden layer.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_bn.models import mlp
+    >>> net = mlp.mlp(norm_layer=keras.layers.BatchNormalization)
+    >>> len(mlp.preactivation_model(net).outputs)
+    3
+    """
+    outputs = []
+    i = 1
+    while True:
+        try:
+            layer = model.get_layer(f"hidden{i}_sigmoid")
+        except ValueError:
+            break
+        outputs.append(layer.input)
+        i += 1
+    if not outputs:
+        raise ValueError(
+            f"`model` {model.name!r} has no layer named 'hidden1_sigmoid'; build it with "
+            f"keras_bn.models.get('mlp', ...)."
+        )
+    return keras.Model(model.input, outputs, name=f"{model.name}_preactivations")
