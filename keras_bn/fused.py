@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_bn.moments import merge_across_replicas
+
 # cuDNN's fused kernel refuses epsilon below 1e-5.
 KERNEL_MIN_EPSILON = 1.001e-5
 SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
@@ -104,31 +106,49 @@ def _kernel_training(x3, gamma, beta, epsilon, layout):
     return tf.reshape(y4, tf.shape(x3)), mean, variance
 
 
+# ---- XLA formulation. The Python helpers below are traced into each compiled function.
+
+
+def _affine(x, mean, variance, gamma, beta, epsilon):
+    """gamma * (x - mean) / sqrt(variance + epsilon) + beta, for length-C statistics."""
+    multiplier = gamma * tf.math.rsqrt(variance + epsilon)
+    return x * _per_channel(multiplier, x) + _per_channel(beta - mean * multiplier, x)
+
+
+def _grad_sums(dy, x, mean, variance, epsilon):
+    """(sum dy, sum dy * x_hat) per channel: dbeta and dgamma, the two reductions dx needs."""
+    axes = _reduction_axes(x)
+    x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    return tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes), x_hat
+
+
+def _input_grad(dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n):
+    """The paper's chain rule for Alg. 1: dx from dy and the (possibly global) sums over n."""
+    scale = gamma * tf.math.rsqrt(variance + epsilon) / n
+    return _per_channel(scale, dy) * (
+        n * dy - _per_channel(sum_dy, dy) - x_hat * _per_channel(sum_dy_x_hat, dy)
+    )
+
+
+def _count(x):
+    return tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
+
+
 @tf.function(jit_compile=True)
 def _xla_forward(x3, gamma, beta, epsilon):
     x = tf.cast(x3, tf.float32)
     axes = _reduction_axes(x)
-    mean = tf.reduce_mean(x, axes, keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
-    multiplier = _per_channel(gamma, x) * tf.math.rsqrt(variance + epsilon)
-    y = x * multiplier + (_per_channel(beta, x) - mean * multiplier)
-    return tf.cast(y, x3.dtype), tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
+    mean = tf.reduce_mean(x, axes)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
+    y = _affine(x, mean, variance, gamma, beta, epsilon)
+    return tf.cast(y, x3.dtype), mean, variance
 
 
 @tf.function(jit_compile=True)
 def _xla_backward(dy3, x3, mean, variance, gamma, epsilon):
-    """The paper's chain rule for Alg. 1, statistics over every axis but 1."""
-    x = tf.cast(x3, tf.float32)
-    dy = tf.cast(dy3, tf.float32)
-    axes = _reduction_axes(x)
-    inv = _per_channel(tf.math.rsqrt(variance + epsilon), x)
-    x_hat = (x - _per_channel(mean, x)) * inv
-    d_beta = tf.reduce_sum(dy, axes)
-    d_gamma = tf.reduce_sum(dy * x_hat, axes)
-    n = tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
-    dx = (_per_channel(gamma, x) * inv / n) * (
-        n * dy - _per_channel(d_beta, x) - x_hat * _per_channel(d_gamma, x)
-    )
+    x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
+    d_beta, d_gamma, x_hat = _grad_sums(dy, x, mean, variance, epsilon)
+    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, d_beta, d_gamma, _count(x))
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
@@ -145,3 +165,76 @@ def _xla_training(x3, gamma, beta, epsilon):
         return (y3, mean, variance), grad
 
     return training(x3, gamma, beta)
+
+
+# ---- Synchronized (cross-replica) variant: the same math around two collectives.
+
+
+@tf.function(jit_compile=True)
+def _xla_local_moments(x3):
+    """This replica's (count, mean, M2) per channel; an empty replica gives zeros."""
+    x = tf.cast(x3, tf.float32)
+    axes = _reduction_axes(x)
+    count = _count(x)
+    mean = tf.reduce_sum(x, axes) / tf.maximum(count, 1.0)
+    m2 = tf.reduce_sum(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
+    return tf.fill(tf.shape(mean), count), mean, m2
+
+
+@tf.function(jit_compile=True)
+def _xla_apply(x3, mean, variance, gamma, beta, epsilon):
+    y = _affine(tf.cast(x3, tf.float32), mean, variance, gamma, beta, epsilon)
+    return tf.cast(y, x3.dtype)
+
+
+@tf.function(jit_compile=True)
+def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon):
+    d_beta, d_gamma, _ = _grad_sums(
+        tf.cast(dy3, tf.float32), tf.cast(x3, tf.float32), mean, variance, epsilon
+    )
+    return d_beta, d_gamma
+
+
+@tf.function(jit_compile=True)
+def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n):
+    x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
+    x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    # Without a mask every channel has the same global count.
+    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat,
+                     tf.maximum(tf.reduce_max(n), 1.0))
+    return tf.cast(dx, x3.dtype)
+
+
+def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
+                                     num_feature_axes, replica_context):
+    """Alg. 1 over the GLOBAL batch of all replicas: ``(y, count, mean, variance)``.
+
+    Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce to merge them
+    (:func:`keras_bn.moments.merge_across_replicas`), the affine map in a second pass.
+    Backward: the local sums of dy and dy * x_hat in one pass, ONE all-reduce of those 2C
+    values, then dx; dgamma/dbeta stay local (the optimizer sums them over replicas).
+    Arguments are as for :func:`batch_norm_training`; count/mean/variance have length C.
+    """
+    x3 = _as_channels_second(x, layout, channels, num_feature_axes)
+    epsilon = tf.constant(epsilon, tf.float32)
+
+    @tf.custom_gradient
+    def training(x3, gamma, beta):
+        merged = merge_across_replicas(replica_context, *_xla_local_moments(x3))
+        y3 = _xla_apply(x3, merged.mean, merged.variance, gamma, beta, epsilon)
+
+        def grad(dy3, d_count, d_mean, d_variance):
+            del d_count, d_mean, d_variance  # statistics feed only the moving averages
+            d_beta, d_gamma = _xla_local_grad_sums(dy3, x3, merged.mean, merged.variance,
+                                                   epsilon)
+            sums = replica_context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.stack([d_beta, d_gamma])
+            )
+            dx = _xla_synced_input_grad(dy3, x3, merged.mean, merged.variance, gamma, epsilon,
+                                        sums[0], sums[1], merged.count)
+            return dx, d_gamma, d_beta
+
+        return (y3, merged.count, merged.mean, merged.variance), grad
+
+    y3, count, mean, variance = training(x3, gamma, beta)
+    return tf.reshape(y3, tf.shape(x)), count, mean, variance

@@ -311,6 +311,8 @@ class BatchNormalization(keras.layers.Layer):
         """Alg. 1. Returns the outputs and the batch :class:`Moments` (global when synced)."""
         replicas = moments_lib.multi_replica_context()
         if self.synchronized and replicas is not None:
+            if mask is None and self._can_fuse(inputs):
+                return self._fused_training(inputs, replicas)
             x = self._to_statistics_dtype(inputs)
             mask = None if mask is None else moments_lib.broadcast_mask(
                 mask, x, self._feature_axes
@@ -342,14 +344,15 @@ class BatchNormalization(keras.layers.Layer):
             and self._statistics_dtype == "float32"
         )
 
-    def _fused_training(self, inputs):
-        """Alg. 1 as one fused computation (keras_bn.fused), for any rank."""
+    def _fused_training(self, inputs, replicas=None):
+        """Alg. 1 as one fused computation (keras_bn.fused), for any rank; over the global
+        batch when ``replicas`` (a replica context) is given."""
         channels = 1
         for d in self._param_shape:
             channels *= d
         gamma = tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels])
         beta = tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels])
-        outputs, mean, variance = fused_lib.batch_norm_training(
+        args = (
             inputs,
             tf.cast(gamma, tf.float32),
             tf.cast(beta, tf.float32),
@@ -357,9 +360,17 @@ class BatchNormalization(keras.layers.Layer):
             self._fused_layout,
             channels,
             len(self._feature_axes),
-            self._fused_implementation(),
         )
-        count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
+        if replicas is not None:
+            outputs, count, mean, variance = fused_lib.synchronized_batch_norm_training(
+                *args, replicas
+            )
+            count = tf.reshape(count, self._broadcast_shape)
+        else:
+            outputs, mean, variance = fused_lib.batch_norm_training(
+                *args, self._fused_implementation()
+            )
+            count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
         batch = moments_lib.Moments(
             count,
             tf.reshape(mean, self._broadcast_shape),

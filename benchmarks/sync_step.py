@@ -1,0 +1,122 @@
+"""Synchronized BN under MirroredStrategy over 2 logical CPUs: keras_bn vs
+keras.layers.BatchNormalization(synchronized=True), same net, same data, same run.
+
+A small conv net with 4 BN layers; each step is forward + backward + SGD update inside
+strategy.run. Prints the median step time, the ratio ours/keras (below 1 = we are faster) and
+the collectives (all-reduce calls) that the BN layers issue per step and replica, counted when
+the step is traced (the gradient all-reduce of the optimizer is not counted).
+
+    python benchmarks/sync_step.py                # ~1-2 minutes on 2 CPU cores
+    python benchmarks/sync_step.py --batch 64 --repeats 30
+
+Targets: ratio <= 0.8; collectives <= 2 per BN layer (Keras 3: 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorflow.python.distribute import distribute_lib  # noqa: E402
+
+import keras_bn  # noqa: E402
+
+BN_LAYERS = 4
+_calls = []
+_original_all_reduce = distribute_lib.ReplicaContext.all_reduce
+
+
+def _counting_all_reduce(self, reduce_op, value, options=None):
+    _calls.append(threading.get_ident())
+    return _original_all_reduce(self, reduce_op, value, options)
+
+
+distribute_lib.ReplicaContext.all_reduce = _counting_all_reduce
+
+
+def build(norm, image, width):
+    layers = [keras.Input((image, image, 3))]
+    for i in range(BN_LAYERS):
+        layers += [keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
+                                       strides=2 if i else 1),
+                   norm(synchronized=True), keras.layers.ReLU()]
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    return keras.Sequential(layers)
+
+
+def bench(norm, strategy, batch, image, width, repeats):
+    with strategy.scope():
+        model = build(norm, image, width)
+        optimizer = keras.optimizers.SGD(0.01)
+        optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    per_replica = batch // strategy.num_replicas_in_sync
+    xs = [tf.constant(rng.normal(r, 1 + r, (per_replica, image, image, 3)).astype(np.float32))
+          for r in range(strategy.num_replicas_in_sync)]
+    ys = [tf.constant(rng.integers(0, 10, (per_replica,))) for _ in xs]
+    dist = lambda values: strategy.experimental_distribute_values_from_function(
+        lambda ctx: values[ctx.replica_id_in_sync_group])
+    x, y = dist(xs), dist(ys)
+    bn_calls = {}
+
+    @tf.function
+    def train_step(x, y):
+        def step(x, y):
+            me = threading.get_ident()
+            before = _calls.count(me)
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                    y, logits, from_logits=True)) / batch
+            grads = tape.gradient(loss, model.trainable_variables)
+            bn_calls[me] = _calls.count(me) - before
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        return strategy.run(step, args=(x, y))
+
+    for _ in range(3):
+        train_step(x, y)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        strategy.experimental_local_results(train_step(x, y))[0].numpy()
+        times.append(time.perf_counter() - start)
+    counts = set(bn_calls.values())
+    assert len(counts) == 1, bn_calls
+    return statistics.median(times) * 1e3, counts.pop() / BN_LAYERS
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="global batch size")
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {}
+    for name, norm in (("keras_bn", keras_bn.BatchNormalization),
+                       ("keras3", keras.layers.BatchNormalization)):
+        results[name] = bench(norm, strategy, args.batch, args.image, args.width, args.repeats)
+    print(f"MirroredStrategy, 2 logical CPUs, global batch {args.batch}, "
+          f"{args.image}x{args.image} images, {BN_LAYERS} BN layers, median of {args.repeats}")
+    print(f"{'layer':<10}{'step ms':>10}{'collectives per BN layer':>27}")
+    for name, (ms, calls) in results.items():
+        print(f"{name:<10}{ms:>10.2f}{calls:>27.1f}")
+    print(f"ratio keras_bn/keras3: {results['keras_bn'][0] / results['keras3'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
