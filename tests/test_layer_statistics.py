@@ -160,3 +160,12 @@ def test_trainable_false_runs_in_inference_mode_and_freezes_statistics():
     np.testing.assert_allclose(y, layer(x, training=False).numpy())
     for b, a in zip(before, _state(layer)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_synchronized_without_strategy_is_the_local_layer():
+    x = _batches((12, 4, 4, 3), 1, seed=10)[0]
+    local = keras_bn.BatchNormalization(momentum=0.5)
+    synced = keras_bn.BatchNormalization(momentum=0.5, synchronized=True)
+    np.testing.assert_allclose(synced(x, training=True), local(x, training=True), rtol=1e-6)
+    np.testing.assert_allclose(synced.moving_variance.numpy(), local.moving_variance.numpy(),
+                               rtol=1e-6)
