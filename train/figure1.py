@@ -386,8 +386,12 @@ def make_step_functions(model, data, percentile_unit, learning_rate):
 
 
 def _bn_momentum(model):
-    momenta = {getattr(layer, "momentum", None) for layer in model.layers if "_bn" in layer.name}
-    return sorted(momenta, key=str)
+    """The momentum of the BN layers, or a list if they differ."""
+    momenta = sorted(
+        {getattr(layer, "momentum", None) for layer in model.layers if "_bn" in layer.name},
+        key=str,
+    )
+    return momenta[0] if len(momenta) == 1 else momenta
 
 
 def _train_net(name, config, data, indices, log):
