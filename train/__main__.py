@@ -17,9 +17,11 @@ killed run with the same flags resumes it from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import NoReturn
 
@@ -222,8 +224,14 @@ def train_from_flags() -> dict:
         except (ValueError, OSError) as error:
             fail(error)
         _print_config(config, list(explicit))
-        with run_dir.claim(config.identity(), _config_json(config, list(explicit))):
-            trainer = Trainer(config, strategy, data, run_dir, model=model)
+        chief = strategy_lib.is_chief(strategy)
+        claim = (
+            run_dir.claim(config.identity(), _config_json(config, list(explicit)))
+            if chief
+            else contextlib.nullcontext()
+        )
+        with claim:
+            trainer = Trainer(config, strategy, data, run_dir, model=model, chief=chief)
             start = trainer.restore()
             if start:
                 run_dir.commit()
@@ -284,10 +292,13 @@ def _finish(config, trainer, data, run_dir, record, started) -> dict:
             summary["fold_max_abs_difference"] = export_lib.max_abs_difference(
                 trainer.model, model, x
             )
-        summary["export_dir"] = export_lib.export_saved_model(model, data, config.export_dir)
+        # Non-chief workers take part (collectives) but write into a throwaway folder.
+        export_dir = config.export_dir if trainer.chief else tempfile.mkdtemp(prefix="export-")
+        summary["export_dir"] = export_lib.export_saved_model(model, data, export_dir)
         summary["export_folded"] = config.fold_bn
     summary["wall_seconds"] = time.perf_counter() - started
-    atomic_write_json(run_dir.summary_path, summary)
+    if trainer.chief:
+        atomic_write_json(run_dir.summary_path, summary)
     return summary
 
 

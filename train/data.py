@@ -121,10 +121,20 @@ class Data:
             ds = ds.batch(batch_size, drop_remainder=True)
         return _finish(ds)
 
-    def eval_dataset(self, batch_size: int | None = None) -> tf.data.Dataset:
-        """Evaluation batches `(x, y)` over the evaluation split (the last one may be smaller)."""
+    def eval_dataset(
+        self, batch_size: int | None = None, drop_remainder: bool = False
+    ) -> tf.data.Dataset:
+        """Evaluation batches `(x, y)` over the evaluation split.
+
+        Args:
+            batch_size: the global batch size (default `eval_batch_size`, else `batch_size`).
+            drop_remainder: drop a last, smaller batch (TPUs need static shapes); by default
+                it is kept, so every example is evaluated.
+        """
         batch_size = batch_size or self.config.eval_batch_size or self.config.batch_size
         ds = self._source.eval_examples(batch_size, self.preprocess_batch, self._eval_example)
+        if drop_remainder:
+            ds = ds.unbatch().batch(batch_size, drop_remainder=True)
         if self.config.eval_steps:
             ds = ds.take(self.config.eval_steps)
         return _finish(ds)

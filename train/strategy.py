@@ -73,6 +73,23 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     raise ValueError(f"--strategy must be auto|one_device|mirrored|multi_worker|tpu, got {name!r}.")
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files (always, except on non-chief workers).
+
+    Under MultiWorkerMirroredStrategy every worker runs the same program (collectives need all
+    of them) but only the chief, or worker 0 when the cluster has no chief, writes the
+    model_dir; the others checkpoint into a temporary folder, as tf.distribute recommends.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
 def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy, flag: str) -> None:
     """Raises ValueError unless the global `batch_size` splits evenly over the replicas."""
     replicas = strategy.num_replicas_in_sync

@@ -23,6 +23,7 @@ trainer.train()
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from typing import Any
 
@@ -104,6 +105,10 @@ class Trainer:
         data: the input pipelines.
         run_dir: where checkpoints, TensorBoard logs and metrics go.
         model: a model built under `strategy.scope()` (default: `build_model(config, ...)`).
+        chief: whether this process writes checkpoints, logs and metrics into `run_dir`
+            (False on non-chief multi-worker replicas: they checkpoint into a temporary
+            folder and restore from the chief's checkpoints, which must be on a shared file
+            system).
     """
 
     def __init__(
@@ -113,8 +118,10 @@ class Trainer:
         data: Data,
         run_dir: RunDir,
         model: keras.Model | None = None,
+        chief: bool = True,
     ):
         self.config = config
+        self.chief = chief
         self.strategy = strategy
         self.data = data
         self.run_dir = run_dir
@@ -143,8 +150,9 @@ class Trainer:
             model_variables=list(self.model.variables),
             optimizer_variables=list(self.optimizer.variables),
         )
+        checkpoint_dir = run_dir.checkpoint_dir if chief else tempfile.mkdtemp(prefix="worker-")
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(run_dir.checkpoint_dir), max_to_keep=KEEP_CHECKPOINTS
+            self.checkpoint, str(checkpoint_dir), max_to_keep=KEEP_CHECKPOINTS
         )
         self._train_fn = None
         self._eval_fn = None
@@ -159,7 +167,7 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns the step it holds (0 if none)."""
-        latest = self.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(str(self.run_dir.checkpoint_dir))
         if latest is None:
             return 0
         self.checkpoint.restore(latest).assert_consumed()
@@ -240,8 +248,9 @@ class Trainer:
         """Evaluates on the evaluation split; returns loss, accuracy (and top-5 accuracy)."""
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
+            static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
             self._eval_dataset = self.strategy.experimental_distribute_dataset(
-                self.data.eval_dataset()
+                self.data.eval_dataset(drop_remainder=static_shapes)
             )
         loss, top1, top5, count = self._eval_fn(self._eval_dataset).numpy().tolist()
         if count == 0:
@@ -261,6 +270,8 @@ class Trainer:
         return self._writers[name]
 
     def _summaries(self, name: str, step: int, values: dict[str, float]) -> None:
+        if not self.chief:
+            return
         with self._writer(name).as_default(step=step):
             for key, value in values.items():
                 # tf.summary.write + scalar metadata: TensorBoard's format without needing the
@@ -290,7 +301,8 @@ class Trainer:
                 f"--model_dir={self.run_dir.path} is already trained to step {start} > "
                 f"--train_steps={c.train_steps}; pass --train_steps>={start}."
             )
-        self.run_dir.truncate_metrics(start)
+        if self.chief:
+            self.run_dir.truncate_metrics(start)
         record = next((r for r in self.run_dir.metrics() if r["step"] == start), None)
         t_start = time.perf_counter()
         step = start
@@ -379,7 +391,8 @@ class Trainer:
             )
         elif c.verbose == 2:
             print(_format_record(record), flush=True)
-        self.run_dir.append_metrics(record)
+        if self.chief:
+            self.run_dir.append_metrics(record)
         self._interval = _Interval(step)
         return record
 

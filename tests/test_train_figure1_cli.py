@@ -1,0 +1,99 @@
+"""`--experiment=figure1` wiring: explicit flags reach `run_figure1`, others are refused."""
+
+import inspect
+import json
+
+import pytest
+from keras_bn.train import __main__ as main_module
+from keras_bn.train import figure1
+from keras_bn.train.__main__ import FIGURE1_ARGUMENTS, cli
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Replaces the (minutes-long) experiment by a recorder; the real one has its own tests."""
+    recorded = []
+
+    def fake_run_figure1(output_dir, **kwargs):
+        recorded.append((output_dir, kwargs))
+        return {
+            "baseline_test_accuracy": 0.9,
+            "bn_test_accuracy": 0.95,
+            "bn_test_accuracy_population": None,
+            "figure": f"{output_dir}/figure1.png",
+        }
+
+    monkeypatch.setattr(figure1, "run_figure1", fake_run_figure1)
+    return recorded
+
+
+def test_every_passed_flag_is_a_run_figure1_argument():
+    parameters = inspect.signature(figure1.run_figure1).parameters
+    for argument in FIGURE1_ARGUMENTS.values():
+        assert (
+            argument in parameters and parameters[argument].kind is inspect.Parameter.KEYWORD_ONLY
+        )
+
+
+def test_only_explicit_flags_are_passed_through(tmp_path, calls):
+    cli(["--experiment=figure1", f"--model_dir={tmp_path}/fig"])
+    cli(
+        [
+            "--experiment=figure1",
+            f"--model_dir={tmp_path}/fig2",
+            "--train_steps=1000",
+            "--learning_rate=0.1",
+            "--nobinarize",
+            "--seed=4",
+            "--batch_size=30",
+            "--eval_every=100",
+            "--verbose=0",
+        ]
+    )
+    assert calls[0] == (f"{tmp_path}/fig", {})
+    assert calls[1] == (
+        f"{tmp_path}/fig2",
+        {
+            "steps": 1000,
+            "learning_rate": 0.1,
+            "binarize": False,
+            "seed": 4,
+            "batch_size": 30,
+            "eval_every": 100,
+            "verbose": 0,
+        },
+    )
+    saved = json.loads((tmp_path / "fig2" / "config.json").read_text())
+    assert saved["experiment"] == "figure1" and saved["figure1_arguments"]["steps"] == 1000
+
+
+def test_flags_figure1_does_not_use_and_mixed_runs_are_refused(tmp_path, calls, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--experiment=figure1", f"--model_dir={tmp_path}/a", "--model=bn_inception"])
+    assert exit_info.value.code == 2
+    assert "does not use --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--experiment=figure1"])
+    assert "--model_dir is required" in capsys.readouterr().err
+
+    cli(["--experiment=figure1", f"--model_dir={tmp_path}/b", "--train_steps=500"])
+    with pytest.raises(SystemExit):
+        cli(["--experiment=figure1", f"--model_dir={tmp_path}/b", "--train_steps=1000"])
+    assert "different flags" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a training run's directory is not a figure1 directory
+        cli(["--preset=mnist_bn", f"--model_dir={tmp_path}/b", "--train_steps=1"])
+    assert "different flags" in capsys.readouterr().err
+    assert len(calls) == 1 and not (tmp_path / "a").exists()
+
+
+def test_failing_experiment_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    def bad(output_dir, **kwargs):
+        raise ValueError("`steps` must be a multiple of `eval_every`")
+
+    monkeypatch.setattr(figure1, "run_figure1", bad)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--experiment=figure1", f"--model_dir={tmp_path}/c", "--train_steps=7"])
+    assert exit_info.value.code == 2
+    assert "multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main_module.PROG == "keras-bn-train"
