@@ -100,9 +100,7 @@ def run(args):
             for name in LAYERS:
                 seconds = _timed_steps(built[name], images, labels, args.steps)
                 rates[name].append(args.steps * args.batch_size / seconds)
-        rows.append(
-            (jit_compile, {n: (statistics.median(rates[n]), compile_s[n]) for n in LAYERS})
-        )
+        rows.append((jit_compile, {n: (statistics.median(rates[n]), compile_s[n]) for n in LAYERS}))
         print(_format([rows[-1]], args, header=len(rows) == 1), flush=True)
     return rows
 
