@@ -35,8 +35,10 @@ def test_every_passed_flag_is_a_run_figure1_argument():
         )
 
 
-def test_only_explicit_flags_are_passed_through(tmp_path, calls):
-    cli(["--experiment=figure1", f"--model_dir={tmp_path}/fig"])
+def test_only_explicit_flags_are_passed_through(tmp_path, calls, capsys):
+    result = cli(["--experiment=figure1", f"--model_dir={tmp_path}/fig"])
+    assert result["bn_test_accuracy"] == 0.95
+    assert "baseline test accuracy 0.9000, BN test accuracy 0.9500" in capsys.readouterr().out
     cli(
         [
             "--experiment=figure1",

@@ -41,6 +41,7 @@ from keras_bn.train.run_dir import RunDir, atomic_write_json  # noqa: E402
 PROG = "keras-bn-train"
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)
+absl_flags.adopt_module_key_flags(train_flags)  # so --help/--helpshort list them
 
 # --experiment=figure1 takes these flags (flag name -> run_figure1 argument).
 FIGURE1_ARGUMENTS = {
@@ -152,6 +153,7 @@ def run_figure1_experiment() -> dict:
         + f"; outputs in {FLAGS.model_dir} ({result.get('figure')})",
         flush=True,
     )
+    return result
 
 
 def _has_keras_bn_layers(model) -> bool:

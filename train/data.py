@@ -14,9 +14,10 @@ Sources (`--dataset`):
 
 Example:
 
->>> data = make_data(resolve("mnist_bn", {}))          # doctest: +SKIP
->>> x, y = next(iter(data.train_dataset(start_step=0)))  # doctest: +SKIP
->>> x.shape, y.shape                                     # doctest: +SKIP
+>>> from keras_bn.train.config import resolve
+>>> data = make_data(resolve("mnist_bn", {}))
+>>> x, y = next(iter(data.train_dataset(start_step=0)))
+>>> x.shape, y.shape
 (TensorShape([60, 784]), TensorShape([60]))
 """
 

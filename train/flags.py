@@ -11,7 +11,7 @@ Example:
 >>> define_flags(fv)
 >>> _ = fv(["prog", "--preset=mnist_bn", "--train_steps=10", "--model_kwargs=init_stddev=0.1"])
 >>> explicit_values(fv)
-{'train_steps': 10, 'model_kwargs': {'init_stddev': 0.1}}
+{'model_kwargs': {'init_stddev': 0.1}, 'train_steps': 10}
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Example:
 
 >>> import tempfile
 >>> run = RunDir(tempfile.mkdtemp() + "/run")
->>> with run.claim({"model": "mlp"}, "{}"):
+>>> with run.claim({"model": "mlp"}, '{"model": "mlp"}'):
 ...     run.commit()
 >>> run.check({"model": "mlp"}) is not None
 True
