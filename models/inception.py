@@ -462,9 +462,8 @@ def bn_inception(
 def bn_inception_sigmoid(*, activation="sigmoid", name="bn_inception_sigmoid", **kwargs):
     """Builds BN-x5-Sigmoid's network: `bn_inception` with sigmoid instead of ReLU.
 
-    gamma is kept (`bn_scale=True`): after BN a sigmoid needs the learned scale to reach its
-    non-linear range (paper section 3, "the transformation inserted in the network can represent
-    the identity").
+    gamma is kept (`bn_scale=True`): "normalizing the inputs of a sigmoid would constrain them
+    to the linear regime of the nonlinearity" (paper section 3); gamma and beta undo that.
 
     Args:
         activation: the nonlinearity, "sigmoid".

@@ -307,3 +307,18 @@ def test_keras_file_round_trip(trained, tmp_path):
         keras.ops.convert_to_numpy(loaded(images, training=False)),
         keras.ops.convert_to_numpy(model(images, training=False)),
     )
+
+
+def test_mixed_precision_gives_float32_logits():
+    images, _ = _synthetic_batch(n=2)
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        for name in ("bn_inception", "inception"):  # the baseline has the LRN layers
+            model = models.get(name, **SMALL)
+            assert model.get_layer("Conv2d_2c_3x3_conv").compute_dtype == "float16"
+            logits = model(images, training=True)
+            assert logits.dtype == "float32"
+            assert np.all(np.isfinite(keras.ops.convert_to_numpy(logits)))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
