@@ -115,8 +115,8 @@ def test_mnist_presets_match_section_4_1_and_the_figure1_experiment():
         assert (c.batch_size, c.train_steps, c.eval_every) == (60, 50_000, 500)
         assert c.momentum == 0.0
         assert c.learning_rate == figure1.DEFAULT_LEARNING_RATE
-    assert base.model_kwargs == {"batch_norm": False}
-    assert bn.model_kwargs == {"batch_norm": True}
+    assert base.model_kwargs == {"batch_norm": False, "init_stddev": figure1.DEFAULT_INIT_STDDEV}
+    assert bn.model_kwargs == {"batch_norm": True, "init_stddev": figure1.DEFAULT_INIT_STDDEV}
 
 
 def test_explicit_values_override_the_preset_and_model_kwargs_merge():
@@ -159,7 +159,7 @@ def test_identity_ignores_fields_that_do_not_change_the_trajectory():
     assert a.identity() == b.identity()
     assert a.identity() != c.identity()
     assert "train_steps" not in a.identity() and "learning_rate" in a.identity()
-    assert json.loads(a.to_json())["model_kwargs"] == {"batch_norm": True}
+    assert json.loads(a.to_json())["model_kwargs"] == {"batch_norm": True, "init_stddev": 0.01}
 
 
 # Run directory -----------------------------------------------------------------------------

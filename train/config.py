@@ -7,7 +7,7 @@ Example:
 
 >>> config = resolve("mnist_bn", {"train_steps": 100})
 >>> config.model, config.model_kwargs, config.train_steps, config.batch_size
-('mlp', {'batch_norm': True}, 100, 60)
+('mlp', {'batch_norm': True, 'init_stddev': 0.01}, 100, 60)
 """
 
 from __future__ import annotations

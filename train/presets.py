@@ -152,7 +152,7 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
                 "batch 60, 50,000 steps.",
                 _frozen(
                     model="mlp",
-                    model_kwargs={"batch_norm": False},
+                    model_kwargs={"batch_norm": False, "init_stddev": 0.01},
                     dataset="mnist",
                     binarize=True,
                     batch_size=60,
@@ -171,7 +171,7 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
                 "without bias -> BN -> sigmoid).",
                 _frozen(
                     model="mlp",
-                    model_kwargs={"batch_norm": True},
+                    model_kwargs={"batch_norm": True, "init_stddev": 0.01},
                     dataset="mnist",
                     binarize=True,
                     batch_size=60,
