@@ -10,8 +10,9 @@ projection of 96 there, giving 576 channels after every 14x14 module and 1024 af
 `paper_widths=True` keeps the printed 128s (608 channels after 4c/4d and 1056 after 4e, as the
 MXNet, Caffe and PyTorch ports do).
 
-Parameter counts (1000 classes, separable stem, measured with `model.count_params()` and
-asserted in tests/test_models_inception.py; they equal spec section 3.4):
+Parameter counts (1000 classes unless stated, measured; every bn_inception row equals spec
+section 3.4, which has no row for the baseline; tests/test_models_inception.py asserts all but
+the two `paper_widths` rows that combine it with another option or the baseline):
 
 | model / options                                      | trainable  | non-trainable |
 |------------------------------------------------------|------------|---------------|
