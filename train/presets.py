@@ -142,6 +142,20 @@ _ACCELERATED_ASSUMPTIONS = _IMAGENET_ASSUMPTIONS + (
     "'reduce', amount not stated)",
 )
 
+# Section 4.1 / Figure 1, shared by the baseline and the BN net (only BN differs).
+_MNIST_COMMON = dict(
+    model="mlp",
+    dataset="mnist",
+    binarize=True,
+    batch_size=60,
+    train_steps=50_000,
+    eval_every=500,
+    learning_rate=0.5,
+    momentum=0.0,
+    lr_decay_rate=1.0,
+    lr_decay_epochs=0.0,
+)
+
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(
     {
         preset.name: preset
@@ -150,38 +164,14 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
                 "mnist_baseline",
                 "Section 4.1 / Figure 1: 3x100 sigmoid MLP without BN on binary MNIST, "
                 "batch 60, 50,000 steps.",
-                _frozen(
-                    model="mlp",
-                    model_kwargs={"batch_norm": False, "init_stddev": 0.01},
-                    dataset="mnist",
-                    binarize=True,
-                    batch_size=60,
-                    train_steps=50_000,
-                    eval_every=500,
-                    learning_rate=0.5,
-                    momentum=0.0,
-                    lr_decay_rate=1.0,
-                    lr_decay_epochs=0.0,
-                ),
+                _frozen(**_MNIST_COMMON, model_kwargs={"batch_norm": False, "init_stddev": 0.01}),
                 _MNIST_ASSUMPTIONS,
             ),
             Preset(
                 "mnist_bn",
                 "Section 4.1 / Figure 1: the same MLP with BN before each sigmoid (Dense "
                 "without bias -> BN -> sigmoid).",
-                _frozen(
-                    model="mlp",
-                    model_kwargs={"batch_norm": True, "init_stddev": 0.01},
-                    dataset="mnist",
-                    binarize=True,
-                    batch_size=60,
-                    train_steps=50_000,
-                    eval_every=500,
-                    learning_rate=0.5,
-                    momentum=0.0,
-                    lr_decay_rate=1.0,
-                    lr_decay_epochs=0.0,
-                ),
+                _frozen(**_MNIST_COMMON, model_kwargs={"batch_norm": True, "init_stddev": 0.01}),
                 _MNIST_ASSUMPTIONS,
             ),
             Preset(
