@@ -65,7 +65,7 @@ def bench(shape, jit, repeats, warmup=3):
             layer(x, training=True)  # tf_keras builds on first call
         steps[name] = _make_step(layer, jit)
     times = {name: [] for name in steps}
-    for name, step in steps.items():
+    for step in steps.values():
         for _ in range(warmup):
             _ = [t.numpy() for t in step(x, dy)]
     for _ in range(repeats):

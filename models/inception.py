@@ -28,6 +28,7 @@ The paper's "13.6M parameters" is not reproduced by any reading of its table (sp
 """
 
 import keras
+
 from keras_bn.models import _common
 from keras_bn.models.lrn import LocalResponseNormalization
 

@@ -1,6 +1,7 @@
 """The paper's MNIST network (section 4.1, Figure 1), with and without Batch Normalization."""
 
 import keras
+
 from keras_bn.models import _common
 
 DEFAULT_INIT_STDDEV = 0.01

@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from keras_bn.train import figure1  # noqa: E402
 
 STEPS, EVAL_EVERY, EXAMPLES = 300, 100, 200

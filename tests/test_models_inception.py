@@ -5,11 +5,11 @@ import functools
 import keras
 import numpy as np
 import pytest
-from keras_bn.models import inception
-from keras_bn.models.lrn import LocalResponseNormalization
 
 import keras_bn
 from keras_bn import models
+from keras_bn.models import inception
+from keras_bn.models.lrn import LocalResponseNormalization
 
 KERAS_BN = keras.layers.BatchNormalization
 NORM_TYPES = (KERAS_BN, keras_bn.models._common.default_norm_layer())

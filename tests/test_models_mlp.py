@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from keras_bn.models import mlp
 
 from keras_bn import models
+from keras_bn.models import mlp
 
 KERAS_BN = keras.layers.BatchNormalization
 NORM_TYPES = (KERAS_BN, models._common.default_norm_layer())

@@ -4,6 +4,7 @@ import json
 
 import pytest
 from absl import flags as absl_flags
+
 from keras_bn.train import config as config_lib
 from keras_bn.train import flags as train_flags
 from keras_bn.train import presets

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
 from keras_bn.train import config as config_lib
 from keras_bn.train import data as data_lib
 from keras_bn.train import preprocessing

@@ -4,6 +4,7 @@ import inspect
 import json
 
 import pytest
+
 from keras_bn.train import __main__ as main_module
 from keras_bn.train import figure1
 from keras_bn.train.__main__ import FIGURE1_ARGUMENTS, cli

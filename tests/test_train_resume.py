@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+
 from keras_bn.train.__main__ import cli
 
 ARGS = [

@@ -33,6 +33,7 @@ from absl import (
     logging,  # noqa: E402
 )
 from absl import flags as absl_flags  # noqa: E402
+
 from keras_bn.train import config as config_lib  # noqa: E402
 from keras_bn.train import flags as train_flags  # noqa: E402
 from keras_bn.train import presets  # noqa: E402
@@ -170,6 +171,7 @@ def _prepare(config: config_lib.TrainConfig):
         the requested dtype policy (which stays set: the caller restores it).
     """
     import keras
+
     from keras_bn.train import data as data_lib
     from keras_bn.train import strategy as strategy_lib
     from keras_bn.train import trainer as trainer_lib
@@ -217,6 +219,7 @@ def train_from_flags() -> dict:
     except ValueError as error:
         fail(error)
     import keras
+
     from keras_bn.train.trainer import Trainer
 
     previous_policy = keras.config.dtype_policy()

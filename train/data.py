@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
+
 from keras_bn.train import preprocessing
 from keras_bn.train.config import TrainConfig
 

@@ -24,6 +24,7 @@ import shutil
 import keras
 import numpy as np
 import tensorflow as tf
+
 from keras_bn.train.data import Data
 
 

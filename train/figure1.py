@@ -140,6 +140,7 @@ def run_figure1(
         raise ValueError(f"`output_dir` {str(output_dir)!r} exists and is not a folder.")
 
     import tensorflow as tf
+
     from keras_bn.train.mnist_files import load_mnist
 
     x_train, y_train = _prepare(*load_mnist("train"), binarize)
@@ -340,6 +341,7 @@ def make_step_functions(model, data, percentile_unit, learning_rate):
     """
     import keras
     import tensorflow as tf
+
     from keras_bn.models.mlp import preactivation_model
 
     optimizer = keras.optimizers.SGD(learning_rate)

@@ -20,6 +20,7 @@ import ast
 from typing import Any
 
 from absl import flags
+
 from keras_bn.train import config as config_lib
 from keras_bn.train import presets
 

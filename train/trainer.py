@@ -30,10 +30,11 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
 from keras_bn.train.config import TrainConfig
 from keras_bn.train.data import Data
 from keras_bn.train.run_dir import RunDir
-from tensorflow.core.framework import summary_pb2
 
 KEEP_CHECKPOINTS = 3
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
