@@ -5,7 +5,8 @@ A small conv net with 4 BN layers; each step is forward + backward + SGD update 
 strategy.run, the two nets timed alternately. Prints the median step time, the ratio
 ours/keras (below 1 = we are faster) and the collectives (all-reduce calls) that the BN
 layers issue per step and replica, counted when the step is traced (the optimizer's
-gradient all-reduce is not counted).
+gradient all-reduce is not counted). keras_bn's exchanges are in-graph sums under
+MirroredStrategy (see keras_bn.moments.all_reduce_sum); Keras's go to the collective runtime.
 
     python benchmarks/sync_step.py                # ~1-2 minutes on 2 CPU cores
     python benchmarks/sync_step.py --batch 64 --repeats 30
@@ -38,16 +39,32 @@ from tensorflow.python.distribute import distribute_lib  # noqa: E402
 import keras_bn  # noqa: E402
 
 BN_LAYERS = 4
+# One entry (the calling thread) per cross-replica exchange: a ReplicaContext.all_reduce call
+# (Keras), or a merge_call made outside one (keras_bn's in-graph sums under MirroredStrategy;
+# all_reduce itself goes through merge_call there, which must not count twice).
 _calls = []
+_inside_all_reduce = threading.local()
 _original_all_reduce = distribute_lib.ReplicaContext.all_reduce
+_original_merge_call = distribute_lib.ReplicaContext.merge_call
 
 
-def _counting_all_reduce(self, reduce_op, value, options=None):
+def _counting_all_reduce(self, *args, **kwargs):
     _calls.append(threading.get_ident())
-    return _original_all_reduce(self, reduce_op, value, options)
+    _inside_all_reduce.depth = getattr(_inside_all_reduce, "depth", 0) + 1
+    try:
+        return _original_all_reduce(self, *args, **kwargs)
+    finally:
+        _inside_all_reduce.depth -= 1
+
+
+def _counting_merge_call(self, *args, **kwargs):
+    if not getattr(_inside_all_reduce, "depth", 0):
+        _calls.append(threading.get_ident())
+    return _original_merge_call(self, *args, **kwargs)
 
 
 distribute_lib.ReplicaContext.all_reduce = _counting_all_reduce
+distribute_lib.ReplicaContext.merge_call = _counting_merge_call
 
 
 class Identity(keras.layers.Layer):

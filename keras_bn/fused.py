@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_bn.moments import merge_across_replicas
+from keras_bn.moments import all_reduce_sum, merge_across_replicas
 
 # cuDNN's fused kernel refuses epsilon below 1e-5.
 KERNEL_MIN_EPSILON = 1.001e-5
@@ -227,9 +227,7 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
             del d_count, d_mean, d_variance  # statistics feed only the moving averages
             d_beta, d_gamma = _xla_local_grad_sums(dy3, x3, merged.mean, merged.variance,
                                                    epsilon)
-            sums = replica_context.all_reduce(
-                tf.distribute.ReduceOp.SUM, tf.stack([d_beta, d_gamma])
-            )
+            sums = all_reduce_sum(replica_context, tf.stack([d_beta, d_gamma]))
             dx = _xla_synced_input_grad(dy3, x3, merged.mean, merged.variance, gamma, epsilon,
                                         sums[0], sums[1], merged.count)
             return dx, d_gamma, d_beta

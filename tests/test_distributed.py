@@ -175,12 +175,26 @@ def test_one_collective_per_layer_forward_and_one_backward():
     out = run_python(_script(2, """
         import threading
         from tensorflow.python.distribute import distribute_lib
-        calls = []  # thread ids: MirroredStrategy traces each replica in its own thread
-        original = distribute_lib.ReplicaContext.all_reduce
-        def counting(self, reduce_op, value, options=None):
+        # One entry per cross-replica exchange, by thread (MirroredStrategy traces each replica
+        # in its own thread): an all_reduce call, or a merge_call made outside one (keras_bn's
+        # in-graph sums under MirroredStrategy; all_reduce itself goes through merge_call).
+        calls = []
+        inside = threading.local()
+        all_reduce = distribute_lib.ReplicaContext.all_reduce
+        merge_call = distribute_lib.ReplicaContext.merge_call
+        def counting_all_reduce(self, *args, **kwargs):
             calls.append(threading.get_ident())
-            return original(self, reduce_op, value, options)
-        distribute_lib.ReplicaContext.all_reduce = counting
+            inside.depth = getattr(inside, "depth", 0) + 1
+            try:
+                return all_reduce(self, *args, **kwargs)
+            finally:
+                inside.depth -= 1
+        def counting_merge_call(self, *args, **kwargs):
+            if not getattr(inside, "depth", 0):
+                calls.append(threading.get_ident())
+            return merge_call(self, *args, **kwargs)
+        distribute_lib.ReplicaContext.all_reduce = counting_all_reduce
+        distribute_lib.ReplicaContext.merge_call = counting_merge_call
 
         def count(make, n_layers=3):
             with strategy.scope():
@@ -219,6 +233,30 @@ def test_one_collective_per_layer_forward_and_one_backward():
     assert counts["ours"] == [1, 1]
     assert counts["ours_local"] == [1, 0]  # the moving-statistics agreement, no gradient
     assert sum(counts["keras"]) > 2  # the anchor issues more
+
+
+def test_all_reduce_sum_under_mirrored_is_an_in_graph_sum_in_graph_and_eager():
+    out = run_python(_script(3, """
+        from keras_bn.moments import all_reduce_sum
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.fill([2, 5], tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0))
+        step = lambda v: all_reduce_sum(tf.distribute.get_replica_context(), v)
+        traced = tf.function(lambda v: strategy.run(step, args=(v,)))
+        graph = traced.get_concrete_function(values).graph
+        ops = {op.type for op in graph.get_operations()}
+        for f in graph._functions.values():
+            ops |= {node.op for node in f.cached_definition.node_def}
+        results = {"graph": [r.numpy().tolist() for r in
+                             strategy.experimental_local_results(traced(values))],
+                   "eager": [r.numpy().tolist() for r in
+                             strategy.experimental_local_results(strategy.run(step, (values,)))],
+                   "collective_ops": sorted(o for o in ops if "Collective" in o)}
+        print(json.dumps(results))
+    """))
+    r = json.loads(out.strip().splitlines()[-1])
+    expected = [[[6.0] * 5] * 2] * 3  # 1 + 2 + 3 on every replica
+    assert r["graph"] == expected and r["eager"] == expected
+    assert r["collective_ops"] == []  # the sum never went through the collective runtime
 
 
 def _free_port():
