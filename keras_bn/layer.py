@@ -31,7 +31,8 @@ class BatchNormalization(keras.layers.Layer):
     - A batch with 0 or 1 values for a channel, or with non-finite statistics (an fp16
       overflow step), leaves that channel's moving statistics unchanged.
     - ``synchronized=True`` computes moments over the global batch with one all-reduce forward
-      and one backward, merged stably and weighted by each replica's real count.
+      and one backward, merged stably and weighted by each replica's real count (under
+      MirroredStrategy the exchanges are in-graph sums; see ``keras_bn.moments.all_reduce_sum``).
     - Moving statistics stay identical on every replica of a ``tf.distribute`` strategy.
     - ``axis`` may be a list of axes; a fused kernel (FusedBatchNormV3) is used whenever the
       semantics allow (no mask, no cross-replica moments, contiguous feature axes first or
