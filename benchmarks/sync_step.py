@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from tensorflow.python.distribute import distribute_lib  # noqa: E402
 
 import keras_bn  # noqa: E402
+from keras_bn.moments import all_reduce_sum  # noqa: E402
 
 BN_LAYERS = 4
 # One entry (the calling thread) per cross-replica exchange: a ReplicaContext.all_reduce call
@@ -127,6 +128,39 @@ def make_step(norm, strategy, batch, image, width):
     return run, counts.pop() / BN_LAYERS
 
 
+def exchange_cost_ms(strategy, chained=16, repeats=30):
+    """Median cost of one exchange of a small packed tensor, through the collective runtime
+    (ReplicaContext.all_reduce) and as keras_bn's in-graph sum, from a step of ``chained``
+    dependent exchanges."""
+    def make_step(exchange):
+        @tf.function
+        def step(n):
+            def chain():
+                ctx = tf.distribute.get_replica_context()
+                v = tf.ones([2, 3, 64])
+                for _ in range(n):
+                    v = exchange(ctx, v) * 0.5
+                return v
+            return strategy.run(chain)
+        return step
+
+    costs = {}
+    for name, exchange in (("collective runtime", lambda ctx, v: ctx.all_reduce("sum", v)),
+                           ("in-graph sum", all_reduce_sum)):
+        step = make_step(exchange)
+        medians = []
+        for n in (1, 1 + chained):
+            step(n)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step(n)
+                times.append(time.perf_counter() - start)
+            medians.append(statistics.median(times))
+        costs[name] = (medians[1] - medians[0]) / chained * 1e3
+    return costs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="global batch size")
@@ -157,6 +191,9 @@ def main(argv=None):
     ours, theirs = results["keras_bn"][0] - floor, results["keras3"][0] - floor
     print(f"time in the BN layers (step minus the no_bn step): keras_bn {ours:.2f} ms, "
           f"keras3 {theirs:.2f} ms, ratio {ours / theirs:.2f}")
+    costs = exchange_cost_ms(strategy)
+    print("one exchange (2x3x64 floats): " + ", ".join(
+        f"{name} {ms:.3f} ms" for name, ms in costs.items()))
 
 
 if __name__ == "__main__":
