@@ -8,6 +8,7 @@ from keras import constraints, initializers, regularizers
 
 from keras_bn import fused as fused_lib
 from keras_bn import moments as moments_lib
+from keras_bn import moving_average
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -407,23 +408,25 @@ class BatchNormalization(keras.layers.Layer):
 
         Channels whose batch gave n <= 1 values or non-finite statistics keep their values.
         """
-        usable = (count > 1.0) & tf.math.is_finite(mean) & tf.math.is_finite(variance)
-        if self.unbiased_variance:
-            variance = variance * count / tf.maximum(count - 1.0, 1.0)
-        mean = tf.where(usable, mean, 0.0)
-        variance = tf.where(usable, variance, 0.0)
         if self.momentum is None:
             seen = tf.convert_to_tensor(self.moving_count)
             weight = 1.0 / (seen + 1.0)
-            self.moving_count.assign(tf.where(usable, seen + 1.0, seen))
         else:
-            weight = tf.cast(1.0 - self.momentum, mean.dtype)
-        for variable, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            old = tf.convert_to_tensor(variable)
-            new = old + weight * (value - old)
+            weight = tf.constant(1.0 - self.momentum, mean.dtype)
+        old_mean = tf.convert_to_tensor(self.moving_mean)
+        old_variance = tf.convert_to_tensor(self.moving_variance)
+        new_mean, new_variance, usable = moving_average.moved_toward_batch(
+            old_mean, old_variance, mean, variance, count, weight, self.unbiased_variance
+        )
+        if self.momentum is None:
+            self.moving_count.assign(tf.where(usable, seen + 1.0, seen))
+        for variable, old, new in (
+            (self.moving_mean, old_mean, new_mean),
+            (self.moving_variance, old_variance, new_variance),
+        ):
             if variable.constraint is not None:
-                new = variable.constraint(new)
-            variable.assign(tf.where(usable, new, old))
+                new = tf.where(usable, variable.constraint(new), old)
+            variable.assign(new)
 
     # ------------------------------------------------------------------------ serialization
 

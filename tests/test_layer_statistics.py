@@ -107,6 +107,30 @@ def test_nan_channel_only_that_channel_is_skipped():
     np.testing.assert_allclose(layer.moving_mean.numpy()[1:], [1.0, 5 / 3], rtol=1e-6)
 
 
+def test_moving_constraints_apply_to_moved_channels_only():
+    # Channel 0 is skipped (NaN); its initial -1 must survive the NonNeg constraint untouched.
+    x = np.array([[np.nan, -4.0, 3.0], [1.0, -2.0, 5.0]], np.float32)
+    layer = keras_bn.BatchNormalization(
+        momentum=0.0,
+        moving_mean_initializer=keras.initializers.Constant(-1.0),
+        moving_mean_constraint=keras.constraints.NonNeg(),
+        moving_variance_constraint=lambda v: tf.minimum(v, 1.5),
+    )
+    layer(x, training=True)
+    mean, var = _state(layer)
+    np.testing.assert_array_equal(mean, [-1.0, 0.0, 4.0])
+    np.testing.assert_allclose(var, [1.0, 1.5, 1.5])
+
+
+def test_moving_average_docstring_example_holds():
+    import doctest
+
+    from keras_bn import moving_average
+
+    result = doctest.testmod(moving_average)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_masked_channel_with_one_value_is_skipped():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     mask = np.zeros((4, 3), bool)
