@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_bn.moments import all_reduce_sum, merge_across_replicas
+from keras_bn.moments import all_reduce_sum, merge_replica_rows, pack_into_replica_row
 
 # cuDNN's fused kernel refuses epsilon below 1e-5.
 KERNEL_MIN_EPSILON = 1.001e-5
@@ -171,36 +171,40 @@ def _xla_training(x3, gamma, beta, epsilon):
 
 
 @tf.function(jit_compile=True)
-def _xla_local_moments(x3):
-    """This replica's (count, mean, M2) per channel; an empty replica gives zeros."""
+def _xla_replica_row(x3, replica_id, replicas):
+    """This replica's (count, mean, M2) per channel, in its row of the ``[R, 3, C]`` message
+    (:func:`keras_bn.moments.pack_into_replica_row`); an empty replica sends zeros."""
     x = tf.cast(x3, tf.float32)
     axes = _reduction_axes(x)
     count = _count(x)
     mean = tf.reduce_sum(x, axes) / tf.maximum(count, 1.0)
     m2 = tf.reduce_sum(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
-    return tf.fill(tf.shape(mean), count), mean, m2
+    return pack_into_replica_row(tf.fill(tf.shape(mean), count), mean, m2, replica_id, replicas)
 
 
 @tf.function(jit_compile=True)
-def _xla_apply(x3, mean, variance, gamma, beta, epsilon):
-    y = _affine(tf.cast(x3, tf.float32), mean, variance, gamma, beta, epsilon)
-    return tf.cast(y, x3.dtype)
+def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon):
+    """The global moments from every replica's row, and the affine map with them."""
+    merged = merge_replica_rows(gathered)
+    y = _affine(tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon)
+    return tf.cast(y, x3.dtype), merged.count, merged.mean, merged.variance
 
 
 @tf.function(jit_compile=True)
 def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon):
+    """This replica's ``[sum dy, sum dy * x_hat]`` as one message, and its dgamma, dbeta."""
     d_beta, d_gamma, _ = _grad_sums(
         tf.cast(dy3, tf.float32), tf.cast(x3, tf.float32), mean, variance, epsilon
     )
-    return d_beta, d_gamma
+    return tf.stack([d_beta, d_gamma]), d_gamma, d_beta
 
 
 @tf.function(jit_compile=True)
-def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n):
+def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
     x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
     # Without a mask every channel has the same global count.
-    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat,
+    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, sums[0], sums[1],
                      tf.maximum(tf.reduce_max(n), 1.0))
     return tf.cast(dx, x3.dtype)
 
@@ -209,30 +213,33 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
                                      num_feature_axes, replica_context):
     """Alg. 1 over the GLOBAL batch of all replicas: ``(y, count, mean, variance)``.
 
-    Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce to merge them
-    (:func:`keras_bn.moments.merge_across_replicas`), the affine map in a second pass.
-    Backward: the local sums of dy and dy * x_hat in one pass, ONE all-reduce of those 2C
-    values, then dx; dgamma/dbeta stay local (the optimizer sums them over replicas).
+    Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce, then the exact
+    merge (:func:`keras_bn.moments.merge_replica_rows`) and the affine map in a second
+    compiled pass. Backward: the local sums of dy and dy * x_hat in one pass, ONE all-reduce
+    of those 2C values, then dx; dgamma/dbeta stay local (the optimizer sums them over
+    replicas). The small per-channel steps live inside the compiled passes: on CPUs each
+    separate TensorFlow op would cost more than its arithmetic.
     Arguments are as for :func:`batch_norm_training`; count/mean/variance have length C.
     """
     x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     epsilon = tf.constant(epsilon, tf.float32)
+    replicas = replica_context.num_replicas_in_sync
 
     @tf.custom_gradient
     def training(x3, gamma, beta):
-        merged = merge_across_replicas(replica_context, *_xla_local_moments(x3))
-        y3 = _xla_apply(x3, merged.mean, merged.variance, gamma, beta, epsilon)
+        row = _xla_replica_row(x3, replica_context.replica_id_in_sync_group, replicas)
+        y3, count, mean, variance = _xla_merge_and_apply(
+            x3, all_reduce_sum(replica_context, row), gamma, beta, epsilon
+        )
 
         def grad(dy3, d_count, d_mean, d_variance):
             del d_count, d_mean, d_variance  # statistics feed only the moving averages
-            d_beta, d_gamma = _xla_local_grad_sums(dy3, x3, merged.mean, merged.variance,
-                                                   epsilon)
-            sums = all_reduce_sum(replica_context, tf.stack([d_beta, d_gamma]))
-            dx = _xla_synced_input_grad(dy3, x3, merged.mean, merged.variance, gamma, epsilon,
-                                        sums[0], sums[1], merged.count)
+            local, d_gamma, d_beta = _xla_local_grad_sums(dy3, x3, mean, variance, epsilon)
+            sums = all_reduce_sum(replica_context, local)
+            dx = _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, count)
             return dx, d_gamma, d_beta
 
-        return (y3, merged.count, merged.mean, merged.variance), grad
+        return (y3, count, mean, variance), grad
 
     y3, count, mean, variance = training(x3, gamma, beta)
     return tf.reshape(y3, tf.shape(x)), count, mean, variance

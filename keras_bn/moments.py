@@ -161,10 +161,24 @@ def merge_across_replicas(replica_context, count: tf.Tensor, mean: tf.Tensor, m2
     an empty global batch gives count 0, mean 0 and variance 0).
     """
     replicas = replica_context.num_replicas_in_sync
+    slot = pack_into_replica_row(
+        count, mean, m2, replica_context.replica_id_in_sync_group, replicas
+    )
+    return merge_replica_rows(all_reduce_sum(replica_context, slot))
+
+
+def pack_into_replica_row(count, mean, m2, replica_id, replicas: int) -> tf.Tensor:
+    """``[R, 3, ...]`` zeros holding this replica's ``(count, mean, M2)`` in row ``replica_id``:
+    summed over replicas, every replica gets every row."""
     packed = tf.stack([count, mean, m2])
-    slot = tf.one_hot(replica_context.replica_id_in_sync_group, replicas, dtype=packed.dtype)
+    slot = tf.one_hot(replica_id, replicas, dtype=packed.dtype)
     slot = tf.reshape(slot, [replicas] + [1] * packed.shape.rank)
-    gathered = all_reduce_sum(replica_context, slot * packed[None])
+    return slot * packed[None]
+
+
+def merge_replica_rows(gathered: tf.Tensor) -> Moments:
+    """Chan et al.'s exact merge of the ``[R, 3, ...]`` rows of every replica (pure, so it can
+    be traced into a compiled function)."""
     counts, means, m2s = tf.unstack(gathered, axis=1)
     n = tf.reduce_sum(counts, 0)
     safe = tf.maximum(n, 1.0)
