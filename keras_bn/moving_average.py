@@ -3,7 +3,8 @@
 The layer moves ``moving_mean`` / ``moving_variance`` toward each training batch's statistics.
 The per-channel arithmetic is some twenty tiny operations; compiled into one XLA function it
 costs one launch (~23 us on a CPU) instead of twenty TensorFlow ops (~4 us each) per layer and
-step. In the 4-layer net of ``benchmarks/sync_step.py`` that measured 0.1-3 ms of a 45-57 ms step (noisy machine, A/B in the same run).
+step. In the 4-layer net of ``benchmarks/sync_step.py`` that measured 0.1-3 ms of a 45-57 ms
+step (A/B in the same run, on a noisy 2-core machine).
 """
 
 from __future__ import annotations
