@@ -1,6 +1,7 @@
 """The wheel: one import namespace (keras_bn, keras_bn.models, keras_bn.train), package data."""
 
 import os
+import site
 import subprocess
 import sys
 import zipfile
@@ -42,11 +43,17 @@ def test_wheel_holds_only_the_keras_bn_namespace_and_the_mnist_files(wheel):
 
 def test_wheel_installs_into_a_fresh_venv_and_imports(wheel, tmp_path):
     venv = tmp_path / "venv"
-    # The heavy dependencies (TensorFlow, Keras, ...) come from this interpreter's
-    # site-packages; the project itself is installed from the wheel only.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
+    # The heavy dependencies (TensorFlow, Keras, ...) come from the site-packages of the
+    # interpreter running the tests, listed AFTER the new venv's own (a .pth file), so the
+    # project itself is imported from the wheel only. (`venv --system-site-packages` would see
+    # the base interpreter's packages, not those of a venv the tests may run in.)
+    site_packages = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    with open(os.path.join(site_packages, "_test_dependencies.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
     proc = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index",
                            "--force-reinstall", str(wheel)],
                           capture_output=True, text=True, timeout=300)
