@@ -367,6 +367,14 @@ def cli(argv: list[str]) -> dict:
 
 def run() -> None:
     """Console-script entry point (`keras-bn-train`)."""
+    # absl's --help prints the docstring of `__main__` and the key flags of the module named
+    # sys.argv[0]. Under `python -m keras_bn.train` both are this module; under the console
+    # script they are the generated wrapper, which has neither.
+    main_module = sys.modules["__main__"]
+    if main_module.__doc__ is None:
+        main_module.__doc__ = __doc__
+    for flag in FLAGS.get_key_flags_for_module(train_flags):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main, flags_parser=parse_flags)
 
 
