@@ -122,15 +122,6 @@ def test_moving_constraints_apply_to_moved_channels_only():
     np.testing.assert_allclose(var, [1.0, 1.5, 1.5])
 
 
-def test_moving_average_docstring_example_holds():
-    import doctest
-
-    from keras_bn import moving_average
-
-    result = doctest.testmod(moving_average)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_masked_channel_with_one_value_is_skipped():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     mask = np.zeros((4, 3), bool)
