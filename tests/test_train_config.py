@@ -24,20 +24,21 @@ def parse(*argv):
 # Flags -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["keras-bn-train"], ["-m", "keras_bn.train"]],
-                         ids=["console_script", "python_m"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        # The console script pip installs next to this interpreter.
+        [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")],
+        [sys.executable, "-m", "keras_bn.train"],
+    ],
+    ids=["console_script", "python_m"],
+)
 def test_help_shows_the_usage_and_every_trainer_flag(command):
-    if command[0] == "keras-bn-train":  # installed next to this interpreter by pip
-        argv = [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")]
-    else:
-        argv = [sys.executable, *command]
-    proc = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     # absl's --help exits with status 1 after printing the help.
     assert "--experiment=figure1" in proc.stdout, proc.stderr[-3000:]  # the usage examples
-    fv = absl_flags.FlagValues()
-    train_flags.define_flags(fv)
-    for name in fv:
+    for name in parse():
         assert f"--{name}:" in proc.stdout or f"--[no]{name}:" in proc.stdout, name
 
 

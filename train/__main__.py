@@ -42,7 +42,6 @@ from keras_bn.train.run_dir import RunDir, atomic_write_json  # noqa: E402
 PROG = "keras-bn-train"
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)
-absl_flags.adopt_module_key_flags(train_flags)  # so --help/--helpshort list them
 
 # --experiment=figure1 takes these flags (flag name -> run_figure1 argument).
 FIGURE1_ARGUMENTS = {
@@ -368,8 +367,8 @@ def cli(argv: list[str]) -> dict:
 def run() -> None:
     """Console-script entry point (`keras-bn-train`)."""
     # absl's --help prints the docstring of `__main__` and the key flags of the module named
-    # sys.argv[0]. Under `python -m keras_bn.train` both are this module; under the console
-    # script they are the generated wrapper, which has neither.
+    # sys.argv[0]: this module under `python -m keras_bn.train`, the generated wrapper (which
+    # has neither) under the console script. Both entry points come through here.
     main_module = sys.modules["__main__"]
     if main_module.__doc__ is None:
         main_module.__doc__ = __doc__
