@@ -12,7 +12,8 @@ MirroredStrategy (see keras_bn.moments.all_reduce_sum); Keras's go to the collec
     python benchmarks/sync_step.py --batch 64 --repeats 30
 
 Also times the same net with the BN layers replaced by an identity, so the time spent in the BN
-layers themselves (step minus that floor) can be compared too.
+layers themselves (step minus that floor) can be compared too, and with keras_bn's local layer
+(synchronized=False), which separates the cost of the exchanges from the layer's arithmetic.
 
 Targets: ratio <= 0.8; collectives <= 2 per BN layer (Keras 3: 5).
 """
@@ -71,28 +72,24 @@ distribute_lib.ReplicaContext.merge_call = _counting_merge_call
 class Identity(keras.layers.Layer):
     """The same net without normalization: the floor the BN layers' cost sits on."""
 
-    def __init__(self, synchronized=True, **kwargs):
-        del synchronized
-        super().__init__(**kwargs)
-
     def call(self, x, training=None):
         return x
 
 
-def build(norm, image, width):
+def build(make_norm, image, width):
     layers = [keras.Input((image, image, 3))]
     for i in range(BN_LAYERS):
         layers += [keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
                                        strides=2 if i else 1),
-                   norm(synchronized=True), keras.layers.ReLU()]
+                   make_norm(), keras.layers.ReLU()]
     layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
     return keras.Sequential(layers)
 
 
-def make_step(norm, strategy, batch, image, width):
+def make_step(make_norm, strategy, batch, image, width):
     """A compiled, warmed-up train step and its BN collectives per layer and replica."""
     with strategy.scope():
-        model = build(norm, image, width)
+        model = build(make_norm, image, width)
         optimizer = keras.optimizers.SGD(0.01)
         optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
@@ -169,10 +166,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    steps = {name: make_step(norm, strategy, args.batch, args.image, args.width)
-             for name, norm in (("keras_bn", keras_bn.BatchNormalization),
-                                ("keras3", keras.layers.BatchNormalization),
-                                ("no_bn", Identity))}
+    steps = {name: make_step(make_norm, strategy, args.batch, args.image, args.width)
+             for name, make_norm in (
+                 ("keras_bn", lambda: keras_bn.BatchNormalization(synchronized=True)),
+                 ("keras3", lambda: keras.layers.BatchNormalization(synchronized=True)),
+                 ("keras_bn_local", lambda: keras_bn.BatchNormalization(synchronized=False)),
+                 ("no_bn", Identity))}
     times = {name: [] for name in steps}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         for name, (run, _) in steps.items():
@@ -183,9 +182,9 @@ def main(argv=None):
                for name, (_, calls) in steps.items()}
     print(f"MirroredStrategy, 2 logical CPUs, global batch {args.batch}, "
           f"{args.image}x{args.image} images, {BN_LAYERS} BN layers, median of {args.repeats}")
-    print(f"{'layer':<10}{'step ms':>10}{'collectives per BN layer':>27}")
+    print(f"{'layer':<15}{'step ms':>10}{'collectives per BN layer':>27}")
     for name, (ms, calls) in results.items():
-        print(f"{name:<10}{ms:>10.2f}{calls:>27.1f}")
+        print(f"{name:<15}{ms:>10.2f}{calls:>27.1f}")
     print(f"ratio keras_bn/keras3, whole step: {results['keras_bn'][0] / results['keras3'][0]:.2f}")
     floor = results["no_bn"][0]
     ours, theirs = results["keras_bn"][0] - floor, results["keras3"][0] - floor
