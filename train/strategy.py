@@ -48,6 +48,10 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     Raises:
         ValueError: for an unknown name, or a TPU that cannot be reached.
     """
+    if name == "multi_worker":
+        # First: collectives must be configured before anything initializes TensorFlow's
+        # context (listing devices below would, and the strategy would then refuse to start).
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     if name == "auto":
@@ -60,8 +64,6 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
         return tf.distribute.OneDeviceStrategy((gpus or cpus)[0])
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(gpus or cpus)
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
