@@ -25,7 +25,6 @@ import tempfile
 import time
 from typing import NoReturn
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import (
@@ -37,7 +36,8 @@ from absl import flags as absl_flags  # noqa: E402
 from keras_bn.train import config as config_lib  # noqa: E402
 from keras_bn.train import flags as train_flags  # noqa: E402
 from keras_bn.train import presets  # noqa: E402
-from keras_bn.train.run_dir import RunDir, atomic_write_json  # noqa: E402
+from keras_bn.train import quiet  # noqa: E402
+from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable  # noqa: E402
 
 PROG = "keras-bn-train"
 FLAGS = absl_flags.FLAGS
@@ -103,13 +103,6 @@ def _config_json(config: config_lib.TrainConfig, explicit: list[str]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def _latest_checkpoint_step(run_dir: RunDir) -> int | None:
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(str(run_dir.checkpoint_dir))
-    return int(latest.rsplit("-", 1)[1]) if latest else None
-
-
 def run_figure1_experiment() -> dict:
     """`--experiment=figure1`: the paper's Figure 1 into --model_dir."""
     given = train_flags.present(FLAGS)
@@ -140,6 +133,12 @@ def run_figure1_experiment() -> dict:
             run_dir.commit()
     except ValueError as error:
         fail(error)
+    except KeyboardInterrupt:
+        fail(
+            "interrupted; --experiment=figure1 keeps no checkpoints (it writes its outputs only "
+            "at the end), so running the same command again starts over.",
+            status=130,
+        )
     seconds = time.perf_counter() - started
     parts = [
         f"baseline test accuracy {result['baseline_test_accuracy']:.4f}",
@@ -166,17 +165,22 @@ def _prepare(config: config_lib.TrainConfig):
     """Checks everything that can be checked before the model_dir is touched.
 
     Returns:
-        `(run_dir, strategy, data, model)`; the model is built under the strategy's scope with
+        `(run_dir, strategy, data, model, found)`, `found` being the checkpoint to resume from
+        (`checkpoints.find_restorable`); the model is built under the strategy's scope with
         the requested dtype policy (which stays set: the caller restores it).
     """
     import keras
 
+    from keras_bn.train import checkpoints
     from keras_bn.train import data as data_lib
     from keras_bn.train import strategy as strategy_lib
     from keras_bn.train import trainer as trainer_lib
 
     run_dir = RunDir(config.model_dir)
     run_dir.check(config.identity())
+    check_writable(config.model_dir, "--model_dir")
+    if config.export_dir:
+        check_writable(config.export_dir, "--export_dir")
     strategy = strategy_lib.make_strategy(config.strategy, config.tpu)
     strategy_lib.check_batch_size(config.batch_size, strategy, "--batch_size")
     if config.eval_batch_size:
@@ -191,13 +195,19 @@ def _prepare(config: config_lib.TrainConfig):
             f"--population_stats needs keras_bn.BatchNormalization layers; --model="
             f"{config.model} with these settings has none."
         )
-    checkpoint_step = _latest_checkpoint_step(run_dir)
-    if checkpoint_step is not None and checkpoint_step > config.train_steps:
+    found = checkpoints.find_restorable(run_dir.checkpoint_dir)
+    if found.path is None and found.skipped:
         raise ValueError(
-            f"--model_dir={config.model_dir} is already trained to step {checkpoint_step} > "
-            f"--train_steps={config.train_steps}; pass --train_steps>={checkpoint_step}."
+            f"no checkpoint in {run_dir.checkpoint_dir} loads ("
+            + "; ".join(found.describe())
+            + "); move that folder away to start this run over."
         )
-    return run_dir, strategy, data, model
+    if found.step is not None and found.step > config.train_steps:
+        raise ValueError(
+            f"--model_dir={config.model_dir} is already trained to step {found.step} > "
+            f"--train_steps={config.train_steps}; pass --train_steps>={found.step}."
+        )
+    return run_dir, strategy, data, model, found
 
 
 def train_from_flags() -> dict:
@@ -224,7 +234,7 @@ def train_from_flags() -> dict:
     previous_policy = keras.config.dtype_policy()
     try:
         try:
-            run_dir, strategy, data, model = _prepare(config)
+            run_dir, strategy, data, model, found = _prepare(config)
         except (ValueError, OSError) as error:
             fail(error)
         _print_config(config, list(explicit))
@@ -236,20 +246,29 @@ def train_from_flags() -> dict:
         )
         with claim:
             trainer = Trainer(config, strategy, data, run_dir, model=model, chief=chief)
-            start = trainer.restore()
+            for line in found.describe():
+                print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
+            start = trainer.restore(found)
             if start:
                 run_dir.commit()
-                _log(config, f"Resuming {run_dir.path} from step {start}.")
+                if found.skipped or config.verbose:
+                    print(f"Resuming {run_dir.path} from {found.path} (step {start}).", flush=True)
             try:
                 record = trainer.train(on_checkpoint=lambda step: run_dir.commit())
+                run_dir.commit()
+                summary = _finish(config, trainer, data, run_dir, record, started)
             except KeyboardInterrupt:
                 fail(
                     f"interrupted at step {trainer.current_step}; run the same command again to "
                     "resume from the last checkpoint.",
                     status=130,
                 )
-            run_dir.commit()
-            summary = _finish(config, trainer, data, run_dir, record, started)
+            except strategy_lib.PEER_FAILURES as error:
+                if not strategy_lib.is_multi_worker(strategy):
+                    raise
+                fail(strategy_lib.peer_failure_message(error, trainer.saved_step), status=75)
+            except OSError as error:
+                fail(error, status=1)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     _print_summary(config, summary)
@@ -338,7 +357,6 @@ def _quiet_logs() -> None:
 
 
 def _dispatch() -> dict:
-    _quiet_logs()
     if FLAGS.experiment == "figure1":
         return run_figure1_experiment()
     return train_from_flags()
@@ -346,6 +364,7 @@ def _dispatch() -> dict:
 
 def main(argv: list[str]) -> None:
     del argv  # checked by parse_flags
+    _quiet_logs()
     _dispatch()
 
 
@@ -366,6 +385,8 @@ def cli(argv: list[str]) -> dict:
 
 def run() -> None:
     """Console-script entry point (`keras-bn-train`)."""
+    if not quiet.wanted(sys.argv[1:]):
+        quiet.silence_native_stderr()
     # absl's --help prints the docstring of `__main__` and the key flags of the module named
     # sys.argv[0]: this module under `python -m keras_bn.train`, the generated wrapper (which
     # has neither) under the console script. Both entry points come through here.

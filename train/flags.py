@@ -77,6 +77,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "e.g. depth_multiplier=0.25,dropout_rate=0.",
         **fv,
     )
+    flags.register_validator("model_kwargs", _check_model_kwargs, **fv)
     flags.DEFINE_enum(
         "norm_layer",
         None,
@@ -259,6 +260,15 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "0: summary only, 1: progress bar, 2: one line per evaluation" + _default("verbose"),
         **fv,
     )
+
+
+def _check_model_kwargs(items: list[str] | None) -> bool:
+    """absl validator: a malformed --model_kwargs is a flag error (one line, status 2)."""
+    try:
+        parse_model_kwargs(items or [])
+    except ValueError as error:
+        raise flags.ValidationError(str(error)) from error
+    return True
 
 
 def parse_model_kwargs(items: list[str]) -> dict[str, Any]:

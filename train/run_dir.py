@@ -37,12 +37,28 @@ class RunConflictError(ValueError):
     """The model_dir holds a different run (or something that is not a run)."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: changing the umask briefly while other threads create files (TensorFlow's
+# writers) would give those files the wrong mode.
+_UMASK = _read_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and an atomic rename."""
+    """Writes `text` to `path` through a temporary file and an atomic rename.
+
+    The file gets the mode a plain `open(path, "w")` would give it (0666 minus the umask), not
+    the 0600 of the temporary file.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -52,6 +68,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Checks that the folder `path` can be created (if missing) and written, by writing to it.
+
+    Probes with a real temporary file in `path` or its nearest existing parent (permission bits
+    say nothing for root, nor for read-only file systems), and removes it again.
+
+    Raises:
+        OSError: naming `flag` and the reason, if `path` cannot be written.
+    """
+    path = pathlib.Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = "" if existing == path else f" (its parent {existing} exists)"
+    if not existing.is_dir():
+        raise OSError(f"{flag}={path} cannot be created: {existing} is not a directory.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".keras-bn-write-test-")
+    except OSError as error:
+        raise OSError(
+            f"{flag}={path} is not writable{where}: {error.strerror or error}; choose a "
+            "folder you can write."
+        ) from error
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:

@@ -92,6 +92,44 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
+# What a collective raises on the survivors when a worker dies: TensorFlow's coordination service
+# notices the missing heartbeats (or the closed connection) and aborts every collective.
+PEER_FAILURES = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.InternalError,
+)
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` spans several worker processes."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    jobs = resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, ())) for job in ("chief", "worker")) > 1
+
+
+def peer_failure_message(error: tf.errors.OpError, saved_step: int | None) -> str:
+    """The one-line message of a worker whose cluster lost a peer."""
+    lines = [line.strip() for line in (error.message or "").splitlines() if line.strip()]
+    cause = next(
+        (line.split("aborted by:", 1)[1].strip() for line in lines if "aborted by:" in line),
+        lines[0] if lines else "collective aborted",
+    )
+    resume = (
+        f"from the checkpoint of step {saved_step}"
+        if saved_step
+        else "from the last checkpoint in --model_dir"
+    )
+    return (
+        f"the cluster lost a worker ({type(error).__name__}: {cause}); this worker stops too. "
+        f"Start every worker again with the same command to resume {resume}."
+    )
+
+
 def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy, flag: str) -> None:
     """Raises ValueError unless the global `batch_size` splits evenly over the replicas."""
     replicas = strategy.num_replicas_in_sync

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from keras_bn.train import checkpoints
 from keras_bn.train.config import TrainConfig
 from keras_bn.train.data import Data
 from keras_bn.train.run_dir import RunDir
@@ -151,10 +152,8 @@ class Trainer:
             model_variables=list(self.model.variables),
             optimizer_variables=list(self.optimizer.variables),
         )
-        checkpoint_dir = run_dir.checkpoint_dir if chief else tempfile.mkdtemp(prefix="worker-")
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(checkpoint_dir), max_to_keep=KEEP_CHECKPOINTS
-        )
+        self.manager: tf.train.CheckpointManager | None = None  # made by restore()
+        self.saved_step: int | None = None  # the step of the last checkpoint restored or saved
         self._train_fn = None
         self._eval_fn = None
         self._eval_dataset = None
@@ -166,17 +165,59 @@ class Trainer:
     def current_step(self) -> int:
         return int(self.step.numpy())
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint, if any; returns the step it holds (0 if none)."""
-        latest = tf.train.latest_checkpoint(str(self.run_dir.checkpoint_dir))
-        if latest is None:
+    def restore(self, found: checkpoints.Found | None = None) -> int:
+        """Restores the newest checkpoint that loads, if any; returns its step (0 if none).
+
+        Args:
+            found: the result of `checkpoints.find_restorable` on the run's checkpoint folder
+                (looked up here when omitted).
+        """
+        if found is None:
+            found = checkpoints.find_restorable(self.run_dir.checkpoint_dir)
+        if self.chief:
+            checkpoints.repair_state(self.run_dir.checkpoint_dir, found)
+        self._make_manager()
+        if found.path is None:
             return 0
-        self.checkpoint.restore(latest).assert_consumed()
+        self.checkpoint.restore(found.path).assert_consumed()
+        self.saved_step = self.current_step
         return self.current_step
 
+    def _make_manager(self) -> None:
+        # Non-chief workers take part in every save (it may need collectives) into a folder of
+        # their own that nobody reads.
+        if self.chief:
+            directory = str(self.run_dir.checkpoint_dir)
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="keras-bn-worker-")
+            directory = self._scratch.name
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            directory,
+            max_to_keep=KEEP_CHECKPOINTS,
+            checkpoint_name=checkpoints.PREFIX,
+        )
+
     def save(self) -> str:
-        """Writes a checkpoint for the current step."""
-        return self.manager.save(checkpoint_number=self.current_step)
+        """Writes a checkpoint for the current step and reads it back.
+
+        The manager deletes the oldest of its `KEEP_CHECKPOINTS` checkpoints as it writes a new
+        one; since every checkpoint is read back right after it is written, the ones deleted
+        are always older than at least one checkpoint known to load.
+
+        Raises:
+            OSError: if the checkpoint just written does not load.
+        """
+        if self.manager is None:
+            self._make_manager()
+        step = self.current_step
+        path = self.manager.save(checkpoint_number=step)
+        if self.chief:
+            reason = checkpoints.unreadable_reason(path)
+            if reason is not None:
+                raise OSError(f"the checkpoint just written, {path}, does not load: {reason}.")
+        self.saved_step = step
+        return path
 
     # Compiled functions -------------------------------------------------------------------
 
