@@ -35,8 +35,10 @@ from absl import flags as absl_flags  # noqa: E402
 
 from keras_bn.train import config as config_lib  # noqa: E402
 from keras_bn.train import flags as train_flags  # noqa: E402
-from keras_bn.train import presets  # noqa: E402
-from keras_bn.train import quiet  # noqa: E402
+from keras_bn.train import (
+    presets,  # noqa: E402
+    quiet,  # noqa: E402
+)
 from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable  # noqa: E402
 
 PROG = "keras-bn-train"
