@@ -1,6 +1,7 @@
 """Shared pytest setup: quiet TensorFlow, and a runner for tests that need several CPUs."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,13 @@ def run_python(code: str, *, env: dict | None = None, timeout: int = 300) -> str
             f"\n--- stderr\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for TF_CONFIG clusters of worker processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

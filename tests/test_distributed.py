@@ -6,14 +6,13 @@ Every case runs in a subprocess that splits the CPU into logical devices before 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from conftest import TESTS_DIR, run_python
+from conftest import TESTS_DIR, free_port, run_python
 
 PRELUDE = """
 import os, json
@@ -259,12 +258,6 @@ def test_all_reduce_sum_under_mirrored_is_an_in_graph_sum_in_graph_and_eager():
     assert r["collective_ops"] == []  # the sum never went through the collective runtime
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MULTI_WORKER_TRAIN = """
 import os, sys, json
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -338,7 +331,7 @@ print(json.dumps(stats(model)))
 def test_multi_worker_mirrored_two_processes_match_single_process(tmp_path):
     script = tmp_path / "mw.py"
     script.write_text(MULTI_WORKER_TRAIN)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     env = dict(os.environ, PYTHONPATH=TESTS_DIR, CUDA_VISIBLE_DEVICES="")
     procs = []
