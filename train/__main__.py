@@ -253,8 +253,7 @@ def train_from_flags() -> dict:
             start = trainer.restore(found)
             if start:
                 run_dir.commit()
-                if found.skipped or config.verbose:
-                    print(f"Resuming {run_dir.path} from {found.path} (step {start}).", flush=True)
+                print(f"Resuming {run_dir.path} from {found.path} (step {start}).", flush=True)
             try:
                 record = trainer.train(on_checkpoint=lambda step: run_dir.commit())
                 run_dir.commit()
