@@ -65,7 +65,7 @@ def unreadable_reason(prefix: str) -> str | None:
         reader = tf.train.load_checkpoint(prefix)
         for name in reader.get_variable_to_dtype_map():
             reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - the reader raises OpError, IndexError, ...
         message = getattr(error, "message", None) or str(error)
         first_line = message.strip().splitlines()[0] if message.strip() else ""
         return f"it does not load ({type(error).__name__}: {first_line})"
@@ -144,7 +144,21 @@ def repair_state(checkpoint_dir: str | os.PathLike, found: Found) -> bool:
         and list(state.all_model_checkpoint_paths) == listed
     ):
         return False
+    # With a timestamp each (the index file's), the manager rotates these checkpoints like its
+    # own; without, it would keep them forever and out of its list.
+    times = [_mtime(path) for path in listed]
     tf.compat.v1.train.update_checkpoint_state(
-        checkpoint_dir, found.path, all_model_checkpoint_paths=listed
+        checkpoint_dir,
+        found.path,
+        all_model_checkpoint_paths=listed,
+        all_model_checkpoint_timestamps=times,
+        last_preserved_timestamp=min(times) - 1,
     )
     return True
+
+
+def _mtime(prefix: str) -> float:
+    try:
+        return tf.io.gfile.stat(prefix + ".index").mtime_nsec / 1e9
+    except tf.errors.OpError:
+        return 0.0
