@@ -124,6 +124,10 @@ def run_figure1_experiment() -> dict:
     except ImportError as error:
         fail(f"--experiment=figure1 is not available ({error}).")
     identity = {"experiment": "figure1", "figure1_arguments": kwargs}
+    try:
+        check_writable(FLAGS.model_dir, "--model_dir")
+    except OSError as error:
+        fail(error)
     run_dir = RunDir(FLAGS.model_dir)
     started = time.perf_counter()
     try:
