@@ -243,8 +243,9 @@ def train_from_flags() -> dict:
             run_dir, strategy, data, model, found = _prepare(config)
         except (ValueError, OSError) as error:
             fail(error)
-        _print_config(config, list(explicit))
         chief = strategy_lib.is_chief(strategy)
+        if chief:  # once per cluster
+            _print_config(config, list(explicit))
         claim = (
             run_dir.claim(config.identity(), _config_json(config, list(explicit)))
             if chief
@@ -355,10 +356,14 @@ def _print_summary(config, summary: dict) -> None:
 def _quiet_logs() -> None:
     """INFO logs of TensorFlow's savers would bury the progress bar; --verbosity restores them."""
     import logging as python_logging
+    import warnings
 
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
         python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+    # tf.distribute reads a dataset's options in graph mode under MultiWorkerMirroredStrategy;
+    # TensorFlow's notice about that concerns its own code, not the run.
+    warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 
 def _dispatch() -> dict:

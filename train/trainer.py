@@ -358,7 +358,7 @@ class Trainer:
             iterator = iter(dataset)
         progbar = None
         while step < c.train_steps:
-            if progbar is None and c.verbose == 1:
+            if progbar is None and c.verbose == 1 and self.chief:  # one bar per cluster
                 target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
                 print(f"Steps {step}-{target} of {c.train_steps}")
                 progbar = keras.utils.Progbar(
