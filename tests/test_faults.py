@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_figure1_ctrl_c_is_one_line_and_exit_130(tmp_path):
             "keras_bn.train",
             "--experiment=figure1",
             "--train_steps=100000",
-            "--eval_every=50000",
+            "--eval_every=200",  # Ctrl-C is seen between compiled chunks of this many steps
             f"--model_dir={model_dir}",
         ],
         stdout=subprocess.PIPE,
@@ -257,3 +258,25 @@ def test_tensorflow_logs_only_when_asked(tmp_path):
     assert "cuInit" in asked.stderr
     for result in (quiet, asked):
         assert result.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: --batch")
+
+
+def test_python_api_leaves_the_users_logging_alone(tmp_path):
+    import logging
+
+    from absl import logging as absl_logging
+
+    tf_logger = logging.getLogger("tensorflow")
+    saved = tf_logger.level, absl_logging.get_verbosity()
+    tf_logger.setLevel(logging.DEBUG)
+    absl_logging.set_verbosity(absl_logging.DEBUG)
+    filters, stderr, fd2 = list(warnings.filters), sys.stderr, os.fstat(2)
+    try:
+        cli([*ARGS, "--train_steps=20", f"--model_dir={tmp_path}/run"])
+        assert tf_logger.level == logging.DEBUG
+        assert absl_logging.get_verbosity() == absl_logging.DEBUG
+        assert warnings.filters == filters
+        assert sys.stderr is stderr
+        assert (os.fstat(2).st_dev, os.fstat(2).st_ino) == (fd2.st_dev, fd2.st_ino)
+    finally:
+        tf_logger.setLevel(saved[0])
+        absl_logging.set_verbosity(saved[1])

@@ -11,8 +11,11 @@ Examples::
 
 Everything is checked before the model_dir is created: a bad flag, an unknown model or preset,
 a dataset that is not available offline, a batch size the replicas cannot share, or a model_dir
-holding a different run ends the program with status 2 and one line on stderr. Restarting a
-killed run with the same flags resumes it from its last checkpoint.
+holding a different run, or an output folder that cannot be written, ends the program with
+status 2 and one line on stderr. Restarting a killed run with the same flags resumes it from its
+newest checkpoint that loads. Ctrl-C exits with status 130; under --strategy=multi_worker, a
+worker whose cluster lost a peer exits with status 75 (start every worker again to resume).
+TensorFlow's C++ log lines are not shown unless --verbose=2 or KERAS_BN_TF_LOGS=1.
 """
 
 from __future__ import annotations
@@ -382,14 +385,19 @@ def cli(argv: list[str]) -> dict:
     """Runs the trainer in this process with command-line `argv` (without the program name).
 
     For tests and notebooks; flags are reset first. Errors exit through `SystemExit` as on the
-    command line.
+    command line. Unlike the command line it leaves the caller's logging as it is (log levels,
+    warning filters, `sys.stderr` and TensorFlow's C++ logs).
 
     Returns:
         The run's summary (as in summary.json) or, for `--experiment=figure1`, the dict
         `run_figure1` returns.
     """
+    # Re-parsing resets absl's own --verbosity flag, i.e. the caller's absl log level.
+    verbosity = logging.get_verbosity()
     FLAGS.unparse_flags()
     parse_flags([PROG, *argv])
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(verbosity)
     return _dispatch()
 
 

@@ -13,8 +13,11 @@ environment variable `KERAS_BN_TF_LOGS=1` keeps TensorFlow's lines.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+from absl import logging as absl_logging
 
 ENV = "KERAS_BN_TF_LOGS"
 
@@ -32,12 +35,20 @@ def wanted(argv: list[str]) -> bool:
 
 
 def silence_native_stderr() -> None:
-    """Sends file descriptor 2 to /dev/null; `sys.stderr` keeps writing to the terminal."""
-    sys.stderr.flush()
+    """Sends file descriptor 2 to /dev/null; `sys.stderr` keeps writing to the terminal.
+
+    Python log handlers that were writing to the old `sys.stderr` (absl's, TensorFlow's) follow
+    it to the terminal.
+    """
+    old = sys.stderr
+    old.flush()
     terminal = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    sys.stderr = os.fdopen(
-        terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace"
-    )
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=old.encoding, errors="replace")
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("tensorflow").handlers]
+    handlers.append(absl_logging.get_absl_handler().python_handler)
+    for handler in handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(sys.stderr)
