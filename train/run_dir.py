@@ -84,6 +84,8 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     where = "" if existing == path else f" (its parent {existing} exists)"
+    if existing == path and not path.is_dir():
+        raise OSError(f"{flag}={path} exists and is not a directory.")
     if not existing.is_dir():
         raise OSError(f"{flag}={path} cannot be created: {existing} is not a directory.")
     try:
