@@ -26,6 +26,11 @@ def wanted(argv: list[str]) -> bool:
     """Whether the command line `argv` (or the environment) asks for TensorFlow's C++ logs.
 
     Looked up before the flags are parsed: by then TensorFlow may already be logging.
+
+    Example:
+
+    >>> wanted(["--preset=mnist_bn", "--verbose", "2"])
+    True
     """
     verbose_two = any(
         arg == "--verbose=2" or (arg == "--verbose" and value == "2")
