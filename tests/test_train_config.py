@@ -54,6 +54,20 @@ def test_every_flag_has_help_and_config_flags_default_to_none():
         assert fv[name].help
 
 
+def test_flags_are_exactly_the_settings_and_follow_their_declarations():
+    fv = parse()
+    assert set(fv) == set(config_lib.field_names()) | {"experiment", "cpu_replicas"}
+    for name, field in config_lib.settings().items():
+        assert field.metadata["help"] in fv[name].help, name
+        if field.metadata["choices"] is not None:
+            assert fv[name].parser.enum_values == list(field.metadata["choices"]), name
+    assert config_lib.RESUMABLE_FIELDS == {
+        name for name, field in config_lib.settings().items() if field.metadata["resumable"]
+    }
+    assert "train_steps" in config_lib.RESUMABLE_FIELDS
+    assert "learning_rate" not in config_lib.RESUMABLE_FIELDS
+
+
 def test_explicit_values_are_the_flags_given_even_when_equal_to_the_default():
     fv = parse("--preset=mnist_bn", "--batch_size=60", "--nobinarize", "--seed=3")
     assert train_flags.explicit_values(fv) == {"batch_size": 60, "binarize": False, "seed": 3}

@@ -1,91 +1,255 @@
-"""The resolved training configuration: defaults <- preset <- flags given explicitly.
+"""Every training setting, written once: its field, default, help, choices and checks.
 
-`TrainConfig` is plain data (no TensorFlow): it is printed at start, saved as `config.json` in the
-model_dir, and compared field by field when a run is resumed (`identity()`).
+`TrainConfig` is plain data (no TensorFlow). Each field is a `setting(...)`: the absl flags
+(`keras_bn.train.flags`), the defaults that presets override, the range checks of `validate`
+and the fields a resumed run may change (`RESUMABLE_FIELDS`) are all read from these
+declarations, so adding a setting is one edit here. The resolved configuration is printed at
+start, saved as `config.json` in the model_dir and compared field by field on resume
+(`identity()`).
 
 Example:
 
 >>> config = resolve("mnist_bn", {"train_steps": 100})
 >>> config.model, config.model_kwargs, config.train_steps, config.batch_size
 ('mlp', {'batch_norm': True, 'init_stddev': 0.01}, 100, 60)
+>>> settings()["momentum"].metadata["help"]
+'SGD momentum; 0 is plain SGD'
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from keras_bn.train import presets
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("none", "float16", "bfloat16")
-AUGMENT = ("auto", "inception", "none")
-DISTORTION = ("full", "reduced", "none")
-NORM_LAYERS = ("default", "keras_bn", "keras")
+# A range check: (predicate on a value that is not None, what the value must be).
+Check = tuple[Callable[[Any], bool], str]
+POSITIVE: Check = (lambda v: v > 0, "positive")
+NON_NEGATIVE: Check = (lambda v: v >= 0, ">= 0")
 
-# Fields that do not change the training trajectory: a run may be resumed with other values.
-# (`train_steps` may grow: the data order and the schedule do not depend on it.)
-RESUMABLE_FIELDS = frozenset(
-    {
-        "train_steps",
-        "eval_every",
-        "eval_steps",
-        "eval_batch_size",
-        "checkpoint_every",
-        "steps_per_loop",
-        "population_stats",
-        "export_dir",
-        "fold_bn",
-        "verbose",
-        "model_dir",
-        "data_dir",
-        "tpu",
-    }
-)
+
+def setting(
+    default: Any,
+    help: str,  # noqa: A002 - the word absl uses
+    *,
+    default_help: str | None = None,
+    choices: Sequence[Any] | None = None,
+    check: Check | None = None,
+    resumable: bool = False,
+) -> Any:
+    """Declares one `TrainConfig` field; everything about a setting is said here.
+
+    Args:
+        default: the value used when neither the preset nor the command line gives one.
+        help: the flag's help text.
+        default_help: says what the default means when the value alone does not (e.g. None
+            for "the whole split"); else the help shows the value itself.
+        choices: the accepted values (an enum flag for strings).
+        check: a range check, applied to values other than None.
+        resumable: whether a resumed run may change it (it does not change the trajectory).
+
+    Example:
+
+    >>> field = setting(5, "Steps", check=POSITIVE)
+    >>> field.default, field.metadata["resumable"]
+    (5, False)
+    """
+    metadata = dict(
+        help=help, default_help=default_help, choices=choices, check=check, resumable=resumable
+    )
+    if isinstance(default, dict):  # a fresh copy for every config
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _preset_help() -> str:
+    return "A configuration from the paper; flags given explicitly override it. " + "; ".join(
+        f"{p.name}: {p.description}" for p in presets.PRESETS.values()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. Field meanings are the flags' help texts."""
 
-    model_dir: str
-    preset: str | None
-    model: str
-    model_kwargs: dict
-    norm_layer: str
-    dataset: str
-    data_dir: str | None
-    train_split: str
-    eval_split: str | None
-    binarize: bool
-    image_size: int | None
-    num_classes: int | None
-    augment: str
-    distortion: str
-    shuffle_buffer: int
-    batch_size: int
-    eval_batch_size: int | None
-    train_steps: int
-    eval_every: int
-    eval_steps: int | None
-    checkpoint_every: int | None
-    steps_per_loop: int
-    learning_rate: float
-    lr_decay_rate: float
-    lr_decay_epochs: float
-    momentum: float
-    weight_decay: float | None
-    seed: int
-    strategy: str
-    tpu: str
-    mixed_precision: str
-    jit_compile: bool
-    population_stats: int
-    export_dir: str | None
-    fold_bn: bool
-    verbose: int
+    model_dir: str = setting(
+        "",
+        "Run directory: checkpoints, TensorBoard logs, metrics.jsonl, config.json, "
+        "summary.json. Restarting with the same flags resumes; a directory holding another run "
+        "is refused.",
+        default_help="none, required",
+        resumable=True,
+    )
+    preset: str | None = setting(
+        None, _preset_help(), default_help="none: each flag's own default", choices=presets.names()
+    )
+
+    # Model.
+    model: str = setting("mlp", "Zoo model name (keras_bn.models.names())")
+    model_kwargs: dict = setting(
+        {},
+        "Extra builder arguments as key=value pairs (Python literals), merged into the preset's, "
+        "e.g. depth_multiplier=0.25,dropout_rate=0.",
+        default_help="the preset's",
+    )
+    norm_layer: str = setting(
+        "default",
+        "BN layer class: keras_bn (this package), keras (keras.layers.BatchNormalization, for "
+        "side-by-side runs), default (the zoo's choice)",
+        choices=("default", "keras_bn", "keras"),
+    )
+
+    # Data.
+    dataset: str = setting(
+        "mnist",
+        "mnist (the real MNIST files shipped in the package, no network), tfds:<name> (an "
+        "already-prepared TFDS dataset; never downloads), or synthetic (random data of the "
+        "model's input shape, for throughput)",
+        check=(
+            lambda v: v in ("mnist", "synthetic") or (v.startswith("tfds:") and v != "tfds:"),
+            "mnist, synthetic or tfds:<name> (a dataset name after 'tfds:')",
+        ),
+    )
+    data_dir: str | None = setting(
+        None, "TFDS data directory", default_help="TFDS's own", resumable=True
+    )
+    train_split: str = setting("train", "Training split")
+    eval_split: str | None = setting(
+        None,
+        "Evaluation split",
+        default_help="test for mnist, else validation if the dataset has it, else test",
+    )
+    binarize: bool = setting(False, "Threshold pixels at 0.5 (the paper's binary MNIST)")
+    image_size: int | None = setting(
+        None,
+        "Side of the square images fed to convolutional models",
+        default_help="224 for ImageNet-style data, else the dataset's own size, at least 75",
+        check=POSITIVE,
+    )
+    num_classes: int | None = setting(
+        None,
+        "Number of classes",
+        default_help="the dataset's; 10 for synthetic",
+        check=(lambda v: v > 1, "at least 2"),
+    )
+    augment: str = setting(
+        "auto",
+        "Training augmentation: inception (random-size crop 8-100% area, aspect 3/4-4/3, flip, "
+        "photometric distortion), none, or auto (inception for imagenet*)",
+        choices=("auto", "inception", "none"),
+    )
+    distortion: str = setting(
+        "reduced",
+        "Photometric distortion in inception augmentation: full (brightness, saturation, hue, "
+        "contrast), reduced (brightness, saturation), none",
+        choices=("full", "reduced", "none"),
+    )
+    shuffle_buffer: int = setting(
+        10_000,
+        "Shuffle buffer for TFDS data, reshuffled every epoch (in-memory data is fully permuted)",
+        check=POSITIVE,
+    )
+
+    # Optimization. `train_steps` may grow on resume: the data order and the schedule do not
+    # depend on it.
+    batch_size: int = setting(60, "Global batch size, split over the replicas", check=POSITIVE)
+    eval_batch_size: int | None = setting(
+        None,
+        "Global evaluation batch size",
+        default_help="--batch_size",
+        check=POSITIVE,
+        resumable=True,
+    )
+    train_steps: int = setting(50_000, "Training steps", check=NON_NEGATIVE, resumable=True)
+    eval_every: int = setting(500, "Evaluate every this many steps", check=POSITIVE, resumable=True)
+    eval_steps: int | None = setting(
+        None,
+        "Evaluation batches",
+        default_help="the whole split",
+        check=POSITIVE,
+        resumable=True,
+    )
+    checkpoint_every: int | None = setting(
+        None,
+        "Checkpoint every this many steps",
+        default_help="--eval_every",
+        check=POSITIVE,
+        resumable=True,
+    )
+    steps_per_loop: int = setting(
+        50,
+        "Training steps per compiled call (speed only; results do not depend on it)",
+        check=POSITIVE,
+        resumable=True,
+    )
+    learning_rate: float = setting(0.5, "Initial learning rate", check=POSITIVE)
+    lr_decay_rate: float = setting(
+        1.0,
+        "Multiply the learning rate by this every --lr_decay_epochs epochs (staircase)",
+        check=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    )
+    lr_decay_epochs: float = setting(
+        0.0, "Epochs between learning-rate decays; 0 turns decay off", check=NON_NEGATIVE
+    )
+    momentum: float = setting(
+        0.0, "SGD momentum; 0 is plain SGD", check=(lambda v: 0 <= v < 1, "in [0, 1)")
+    )
+    weight_decay: float | None = setting(
+        None,
+        "L2 weight decay, tf-slim convention (adds wd*sum(w^2)/2), passed to the model builder",
+        default_help="the model's",
+        check=NON_NEGATIVE,
+    )
+    seed: int = setting(0, "Seed for initialization, data order and augmentation")
+
+    # Hardware.
+    strategy: str = setting(
+        "auto",
+        "tf.distribute strategy: auto (mirrored over all GPUs if several, else the default), "
+        "one_device, mirrored, multi_worker (TF_CONFIG), tpu",
+        choices=("auto", "one_device", "mirrored", "multi_worker", "tpu"),
+    )
+    tpu: str = setting(
+        "",
+        "TPU name or address for --strategy=tpu",
+        default_help="the local TPU",
+        resumable=True,
+    )
+    mixed_precision: str = setting(
+        "none",
+        "Compute dtype: none (float32), float16 (with loss scaling), bfloat16",
+        choices=("none", "float16", "bfloat16"),
+    )
+    jit_compile: bool = setting(False, "Compile the training step with XLA")
+
+    # After training.
+    population_stats: int = setting(
+        0,
+        "Recompute exact population statistics (Alg. 2) over this many training batches before "
+        "the final evaluation and export; 0 keeps the moving averages",
+        check=NON_NEGATIVE,
+        resumable=True,
+    )
+    export_dir: str | None = setting(
+        None,
+        "Write a SavedModel whose 'serve' signature takes raw uint8 images (preprocessing inside)",
+        default_help="none, no export",
+        resumable=True,
+    )
+    fold_bn: bool = setting(
+        False,
+        "Export the model with BN folded into the preceding layers (keras_bn.fold_batch_norm)",
+        resumable=True,
+    )
+    verbose: int = setting(
+        1,
+        "0: summary only, 1: progress bar, 2: one line per evaluation",
+        check=(lambda v: v in (0, 1, 2), "0, 1 or 2"),
+        resumable=True,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the configuration as JSON-compatible data."""
@@ -105,13 +269,22 @@ class TrainConfig:
         return self.checkpoint_every or self.eval_every
 
 
+def settings() -> dict[str, dataclasses.Field]:
+    """Returns field name -> its declaration (`.default`, `.metadata`), in declaration order."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def field_names() -> list[str]:
     """Returns the names of the `TrainConfig` fields."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    return list(settings())
+
+
+# Fields that do not change the training trajectory: a run may be resumed with other values.
+RESUMABLE_FIELDS = frozenset(n for n, f in settings().items() if f.metadata["resumable"])
 
 
 def resolve(preset: str | None, explicit: Mapping[str, Any]) -> TrainConfig:
-    """Builds the configuration: `presets.BASE`, then `preset`, then `explicit` values.
+    """Builds the configuration: the settings' defaults, then `preset`, then `explicit` values.
 
     Args:
         preset: a name from `presets.names()`, or None for the defaults alone.
@@ -125,92 +298,34 @@ def resolve(preset: str | None, explicit: Mapping[str, Any]) -> TrainConfig:
         ValueError: for an unknown preset or field, or a value out of range (the message names
             the flag and says how to fix it).
     """
-    values = dict(presets.BASE)
-    values["model_dir"] = ""
-    values["preset"] = preset
-    if preset is not None:
-        values.update(presets.get(preset).values)
-    values["model_kwargs"] = dict(values["model_kwargs"])
+    values = dict(presets.get(preset).values) if preset is not None else {}
     unknown = set(explicit) - set(field_names())
     if unknown:
         raise ValueError(f"unknown configuration field(s) {sorted(unknown)}.")
-    for key, value in explicit.items():
-        if key == "model_kwargs":
-            values["model_kwargs"].update(value)
-        else:
-            values[key] = value
+    model_kwargs = {**values.get("model_kwargs", {}), **explicit.get("model_kwargs", {})}
+    values.update(explicit, preset=preset, model_kwargs=model_kwargs)
     config = TrainConfig(**values)
     validate(config)
     return config
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def validate(config: TrainConfig) -> None:
-    """Checks the values that need no TensorFlow (ranges and choices).
+    """Checks every setting's choices and range, and the settings that depend on each other.
 
     Raises:
         ValueError: naming the offending flag and the accepted values.
     """
-    c = config
-    _require(c.batch_size > 0, f"--batch_size must be positive, got {c.batch_size}.")
-    _require(c.train_steps >= 0, f"--train_steps must be >= 0, got {c.train_steps}.")
-    _require(c.eval_every > 0, f"--eval_every must be positive, got {c.eval_every}.")
-    _require(
-        c.eval_steps is None or c.eval_steps > 0,
-        f"--eval_steps must be positive (or omitted for the whole split), got {c.eval_steps}.",
-    )
-    _require(
-        c.eval_batch_size is None or c.eval_batch_size > 0,
-        f"--eval_batch_size must be positive, got {c.eval_batch_size}.",
-    )
-    _require(
-        c.checkpoint_every is None or c.checkpoint_every > 0,
-        f"--checkpoint_every must be positive, got {c.checkpoint_every}.",
-    )
-    _require(c.steps_per_loop > 0, f"--steps_per_loop must be positive, got {c.steps_per_loop}.")
-    _require(c.learning_rate > 0, f"--learning_rate must be positive, got {c.learning_rate}.")
-    _require(0 < c.lr_decay_rate <= 1, f"--lr_decay_rate must be in (0, 1], got {c.lr_decay_rate}.")
-    _require(
-        c.lr_decay_epochs >= 0,
-        f"--lr_decay_epochs must be >= 0 (0 turns decay off), got {c.lr_decay_epochs}.",
-    )
-    _require(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}.")
-    _require(
-        c.weight_decay is None or c.weight_decay >= 0,
-        f"--weight_decay must be >= 0, got {c.weight_decay}.",
-    )
-    _require(c.shuffle_buffer > 0, f"--shuffle_buffer must be positive, got {c.shuffle_buffer}.")
-    _require(
-        c.image_size is None or c.image_size > 0,
-        f"--image_size must be positive, got {c.image_size}.",
-    )
-    _require(
-        c.num_classes is None or c.num_classes > 1,
-        f"--num_classes must be at least 2, got {c.num_classes}.",
-    )
-    _require(
-        c.population_stats >= 0,
-        f"--population_stats must be >= 0 (0: keep the moving averages), got {c.population_stats}.",
-    )
-    _require(c.verbose in (0, 1, 2), f"--verbose must be 0, 1 or 2, got {c.verbose}.")
-    for name, value, choices in (
-        ("strategy", c.strategy, STRATEGIES),
-        ("mixed_precision", c.mixed_precision, MIXED_PRECISION),
-        ("augment", c.augment, AUGMENT),
-        ("distortion", c.distortion, DISTORTION),
-        ("norm_layer", c.norm_layer, NORM_LAYERS),
-    ):
-        _require(value in choices, f"--{name} must be one of {'|'.join(choices)}, got {value!r}.")
-    _require(
-        c.dataset in ("mnist", "synthetic") or c.dataset.startswith("tfds:"),
-        f"--dataset must be mnist, synthetic or tfds:<name>, got {c.dataset!r}.",
-    )
-    _require(c.dataset != "tfds:", "--dataset=tfds:<name> needs a dataset name after 'tfds:'.")
-    _require(
-        c.fold_bn is False or c.export_dir is not None,
-        "--fold_bn needs --export_dir (it selects what is exported).",
-    )
+    for name, field in settings().items():
+        value, choices, check = (
+            getattr(config, name),
+            field.metadata["choices"],
+            field.metadata["check"],
+        )
+        if value is None:
+            continue
+        if choices is not None and value not in choices:
+            raise ValueError(f"--{name} must be one of {'|'.join(choices)}, got {value!r}.")
+        if check is not None and not check[0](value):
+            raise ValueError(f"--{name} must be {check[1]}, got {value!r}.")
+    if config.fold_bn and config.export_dir is None:
+        raise ValueError("--fold_bn needs --export_dir (it selects what is exported).")

@@ -1,9 +1,9 @@
 """The paper's training setups as data: one `Preset` per named configuration.
 
 A preset is a partial `keras_bn.train.config.TrainConfig`: the values it names replace the
-defaults in `BASE`, and flags given explicitly on the command line replace both. Every value the
-paper does not state is listed in the preset's `assumptions` (spec/paper.md, sections 2.2 and 4.3),
-so `--preset=bn_x30` prints exactly what was filled in and why.
+settings' defaults, and flags given explicitly on the command line replace both. Every value the
+paper does not state (sections 4.1 and 4.2) is listed in the preset's `assumptions`, so
+`--preset=bn_x30` prints exactly what was filled in and why.
 
 Conventions:
     - `weight_decay` follows tf-slim: the model adds `weight_decay * sum(w**2) / 2` per kernel,
@@ -49,44 +49,6 @@ class Preset:
 def _frozen(**values: Any) -> Mapping[str, Any]:
     return types.MappingProxyType(values)
 
-
-# Used when no preset is given: the paper's MNIST BN net (section 4.1), short enough to try out.
-BASE = _frozen(
-    model="mlp",
-    model_kwargs={},
-    norm_layer="default",
-    dataset="mnist",
-    data_dir=None,
-    train_split="train",
-    eval_split=None,
-    binarize=False,
-    image_size=None,
-    num_classes=None,
-    augment="auto",
-    distortion="reduced",
-    shuffle_buffer=10_000,
-    batch_size=60,
-    eval_batch_size=None,
-    train_steps=50_000,
-    eval_every=500,
-    eval_steps=None,
-    checkpoint_every=None,
-    steps_per_loop=50,
-    learning_rate=0.5,
-    lr_decay_rate=1.0,
-    lr_decay_epochs=0.0,
-    momentum=0.0,
-    weight_decay=None,
-    seed=0,
-    strategy="auto",
-    tpu="",
-    mixed_precision="none",
-    jit_compile=False,
-    population_stats=0,
-    export_dir=None,
-    fold_bn=False,
-    verbose=1,
-)
 
 _MNIST_ASSUMPTIONS = (
     "optimizer: plain SGD (momentum 0), the same learning rate for the baseline and the BN net "
