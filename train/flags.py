@@ -3,7 +3,7 @@
 Every setting's flag is derived from its declaration in `keras_bn.train.config` (type, help,
 choices) and defaults to None in absl: its effective default comes from `--preset` (else the
 setting's default), and only flags the user actually typed (`FLAGS[name].present`) override
-the preset. Nothing here imports TensorFlow, so flag errors are reported before it loads.
+the preset.
 
 Example:
 

@@ -1,0 +1,298 @@
+"""Running an experiment: one training run from a `TrainConfig`, or the paper's Figure 1.
+
+`train` does what a training run needs around `Trainer.train`: it checks everything that can
+fail before the model_dir is touched (strategy, batch split, data, model, writable outputs, the
+checkpoint to resume from), claims the model_dir, trains, then recomputes population statistics,
+exports and writes summary.json. `figure1` runs `keras_bn.train.figure1.run_figure1` in a run
+directory of its own. Every failure is a `RunError` carrying the command line's exit status.
+
+Example:
+
+>>> from keras_bn.train import config as config_lib
+>>> try:
+...     train(config_lib.resolve("mnist_bn", {}))
+... except RunError as error:
+...     print(error.status, error)
+2 --model_dir is required (checkpoints, logs, metrics and config go there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import keras
+
+import keras_bn
+from keras_bn.population import recompute_population_statistics
+from keras_bn.train import checkpoints, presets
+from keras_bn.train import data as data_lib
+from keras_bn.train import export as export_lib
+from keras_bn.train import strategy as strategy_lib
+from keras_bn.train.config import TrainConfig
+from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable
+from keras_bn.train.trainer import Trainer, build_model
+
+PROG = "keras-bn-train"
+
+# --experiment=figure1 takes these flags (flag name -> run_figure1 argument).
+FIGURE1_ARGUMENTS = {
+    "train_steps": "steps",
+    "batch_size": "batch_size",
+    "eval_every": "eval_every",
+    "learning_rate": "learning_rate",
+    "seed": "seed",
+    "binarize": "binarize",
+    "verbose": "verbose",
+}
+
+
+class RunError(Exception):
+    """A run that could not start or finish; the message says why and what to do.
+
+    Attributes:
+        status: the command line's exit status: 2 the settings or outputs are wrong (nothing
+            was trained), 1 training failed, 75 a multi-worker peer was lost, 130 interrupted.
+    """
+
+    def __init__(self, message: object, status: int = 2):
+        super().__init__(str(message))
+        self.status = status
+
+
+def train(config: TrainConfig, explicit: Collection[str] = (), cpu_replicas: int = 0) -> dict:
+    """One training run: prepare, train, finish.
+
+    Args:
+        config: the resolved configuration (`keras_bn.train.config.resolve`).
+        explicit: the settings given explicitly (marked in the printed configuration and
+            recorded in config.json).
+        cpu_replicas: split the CPU into this many logical devices first (`--cpu_replicas`).
+
+    Returns:
+        The run's summary, as written to summary.json.
+
+    Raises:
+        RunError: for anything that stops the run (see its `status`).
+    """
+    started = time.perf_counter()
+    if not config.model_dir:
+        raise RunError("--model_dir is required (checkpoints, logs, metrics and config go there).")
+    previous_policy = keras.config.dtype_policy()
+    try:
+        try:
+            run_dir, strategy, data, model, found = _prepare(config, cpu_replicas)
+        except (ValueError, OSError) as error:
+            raise RunError(error) from None
+        chief = strategy_lib.is_chief(strategy)
+        if chief:  # once per cluster; non-chief workers write nothing into the model_dir
+            _print_config(config, explicit)
+        claim = (
+            run_dir.claim(config.identity(), _config_json(config, explicit))
+            if chief
+            else contextlib.nullcontext()
+        )
+        with claim:
+            trainer = Trainer(config, strategy, data, run_dir, model=model, chief=chief)
+            for line in found.describe():
+                print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
+            if trainer.restore(found):
+                run_dir.commit()
+                print(f"Resuming {run_dir.path} from {found.path} (step {found.step}).", flush=True)
+            try:
+                record = trainer.train(on_checkpoint=lambda step: run_dir.commit())
+                run_dir.commit()
+                return _finish(config, trainer, data, run_dir, record, started)
+            except KeyboardInterrupt:
+                raise RunError(
+                    f"interrupted at step {trainer.current_step}; run the same command again to "
+                    "resume from the last checkpoint.",
+                    status=130,
+                ) from None
+            except strategy_lib.PEER_FAILURES as error:
+                if not strategy_lib.is_multi_worker(strategy):
+                    raise
+                message = strategy_lib.peer_failure_message(error, trainer.saved_step)
+                raise RunError(message, status=75) from None
+            except OSError as error:
+                raise RunError(error, status=1) from None
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _prepare(config: TrainConfig, cpu_replicas: int):
+    """Checks everything that can be checked before the model_dir is touched.
+
+    Returns:
+        `(run_dir, strategy, data, model, found)`, `found` being the checkpoint to resume from;
+        the model is built under the strategy's scope with the requested dtype policy (which
+        stays set: the caller restores it).
+    """
+    strategy_lib.split_cpu(cpu_replicas)  # before anything initializes TensorFlow's devices
+    run_dir = RunDir(config.model_dir)
+    run_dir.check(config.identity())
+    check_writable(config.model_dir, "--model_dir")
+    if config.export_dir:
+        check_writable(config.export_dir, "--export_dir")
+    strategy = strategy_lib.make_strategy(config.strategy, config.tpu)
+    strategy_lib.check_batch_size(config.batch_size, strategy, "--batch_size")
+    if config.eval_batch_size:
+        strategy_lib.check_batch_size(config.eval_batch_size, strategy, "--eval_batch_size")
+    data = data_lib.make_data(config)
+    keras.config.set_dtype_policy(strategy_lib.dtype_policy(config.mixed_precision))
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build_model(config, data.spec)
+    layers = model._flatten_layers()
+    if config.population_stats and not any(
+        isinstance(layer, keras_bn.BatchNormalization) for layer in layers
+    ):
+        raise ValueError(
+            f"--population_stats needs keras_bn.BatchNormalization layers; --model="
+            f"{config.model} with these settings has none."
+        )
+    found = checkpoints.find_restorable(run_dir.checkpoint_dir)
+    if found.path is None and found.skipped:
+        raise ValueError(
+            f"no checkpoint in {run_dir.checkpoint_dir} loads ("
+            + "; ".join(found.describe())
+            + "); move that folder away to start this run over."
+        )
+    # Checked here too (Trainer.train does) so that a refused run leaves config.json as it was.
+    if found.step is not None and found.step > config.train_steps:
+        raise ValueError(
+            f"--model_dir={config.model_dir} is already trained to step {found.step} > "
+            f"--train_steps={config.train_steps}; pass --train_steps>={found.step}."
+        )
+    return run_dir, strategy, data, model, found
+
+
+def _print_config(config: TrainConfig, explicit: Collection[str]) -> None:
+    if not config.verbose:
+        return
+    source = f"preset {config.preset}" if config.preset else "defaults"
+    print(f"Configuration ({source}; * = given explicitly):")
+    for key, value in sorted(config.to_dict().items()):
+        print(f"  {'*' if key in explicit else ' '} {key} = {value!r}")
+    if config.preset:
+        print("Assumptions of this preset (the paper does not state these):")
+        for line in presets.get(config.preset).assumptions:
+            print(f"    - {line}")
+    sys.stdout.flush()
+
+
+def _config_json(config: TrainConfig, explicit: Collection[str]) -> str:
+    data = config.to_dict()
+    data["_meta"] = {
+        "explicit_flags": sorted(explicit),
+        "preset_assumptions": list(presets.get(config.preset).assumptions) if config.preset else [],
+        "identity_fields": sorted(config.identity()),
+    }
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _finish(config: TrainConfig, trainer, data, run_dir: RunDir, record, started: float) -> dict:
+    """Population statistics, export and summary.json after training."""
+    summary = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "preset": config.preset,
+        "steps": trainer.current_step,
+        "final": record,
+        "train_seconds": trainer.train_seconds,
+        "replicas": trainer.strategy.num_replicas_in_sync,
+        "model_dir": str(run_dir.path),
+        "checkpoint": trainer.manager.latest_checkpoint,
+        "tensorboard": str(run_dir.tensorboard_dir),
+        "metrics": str(run_dir.metrics_path),
+    }
+    if config.population_stats:
+        if config.verbose:
+            print(
+                f"Recomputing population statistics over {config.population_stats} training "
+                "batches (Alg. 2).",
+                flush=True,
+            )
+        with trainer.strategy.scope():
+            recompute_population_statistics(
+                trainer.model,
+                data.stats_dataset(config.population_stats),
+                steps=config.population_stats,
+                verbose=1 if config.verbose == 1 else 0,
+            )
+        summary["population_stats"] = {"batches": config.population_stats, **trainer.evaluate()}
+    if config.export_dir:
+        model = export_lib.serving_model(trainer.model, config.fold_bn)
+        if config.fold_bn:
+            x, _ = next(iter(data.eval_dataset()))
+            summary["fold_max_abs_difference"] = export_lib.max_abs_difference(
+                trainer.model, model, x
+            )
+        # Non-chief workers take part (collectives) but write into a throwaway folder.
+        export_dir = config.export_dir if trainer.chief else tempfile.mkdtemp(prefix="export-")
+        summary["export_dir"] = export_lib.export_saved_model(model, data, export_dir)
+        summary["export_folded"] = config.fold_bn
+    summary["wall_seconds"] = time.perf_counter() - started
+    if trainer.chief:
+        atomic_write_json(run_dir.summary_path, summary)
+    return summary
+
+
+def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
+    """`--experiment=figure1`: the paper's Figure 1, written into `model_dir`.
+
+    Args:
+        model_dir: the folder for figure1.png, the curves and the summary.
+        given: flag name -> value for every flag given explicitly; the ones in
+            `FIGURE1_ARGUMENTS` are passed to `run_figure1`, any other (but `--model_dir` and
+            `--experiment`) is refused.
+
+    Returns:
+        What `keras_bn.train.figure1.run_figure1` returns.
+
+    Raises:
+        RunError: for a flag figure1 does not use, a folder holding another run, a failing
+            experiment (nothing is left in `model_dir`) or Ctrl-C (status 130).
+    """
+    unused = [n for n in given if n not in (*FIGURE1_ARGUMENTS, "model_dir", "experiment")]
+    if unused:
+        raise RunError(
+            f"--experiment=figure1 does not use {', '.join('--' + n for n in unused)}; it takes "
+            f"--model_dir and {', '.join('--' + n for n in FIGURE1_ARGUMENTS)}."
+        )
+    if not model_dir:
+        raise RunError(
+            "--model_dir is required (the folder for figure1.png, the curves and the summary)."
+        )
+    kwargs = {FIGURE1_ARGUMENTS[n]: value for n, value in given.items() if n in FIGURE1_ARGUMENTS}
+    try:
+        from keras_bn.train.figure1 import run_figure1
+    except ImportError as error:
+        raise RunError(f"--experiment=figure1 is not available ({error}).") from None
+    identity = {"experiment": "figure1", "figure1_arguments": kwargs}
+    config_json = json.dumps({**identity, "model_dir": model_dir}, indent=2, sort_keys=True)
+    try:
+        check_writable(model_dir, "--model_dir")
+    except OSError as error:
+        raise RunError(error) from None
+    run_dir = RunDir(model_dir)
+    try:
+        with run_dir.claim(identity, config_json + "\n"):
+            result = run_figure1(model_dir, **kwargs)
+            run_dir.commit()
+    except ValueError as error:
+        raise RunError(error) from None
+    except OSError as error:
+        raise RunError(error, status=1) from None
+    except KeyboardInterrupt:
+        raise RunError(
+            "interrupted; --experiment=figure1 keeps no checkpoints (it writes its outputs only "
+            "at the end), so running the same command again starts over.",
+            status=130,
+        ) from None
+    return result
