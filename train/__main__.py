@@ -20,20 +20,17 @@ TensorFlow's C++ log lines are not shown unless --verbose=2 or KERAS_BN_TF_LOGS=
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import NoReturn
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from absl import app, logging
+from absl import flags as absl_flags
 
-from absl import app, logging  # noqa: E402
-from absl import flags as absl_flags  # noqa: E402
-
-from keras_bn.train import config as config_lib  # noqa: E402
-from keras_bn.train import experiment, quiet  # noqa: E402
-from keras_bn.train import flags as train_flags  # noqa: E402
-from keras_bn.train.experiment import FIGURE1_ARGUMENTS, PROG  # noqa: E402, F401 - public names
+from keras_bn.train import config as config_lib
+from keras_bn.train import experiment, quiet
+from keras_bn.train import flags as train_flags
+from keras_bn.train.experiment import FIGURE1_ARGUMENTS, PROG  # noqa: F401 - public names
 
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)

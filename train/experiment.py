@@ -101,9 +101,9 @@ def train(config: TrainConfig, explicit: Collection[str] = (), cpu_replicas: int
             trainer = Trainer(config, strategy, data, run_dir, model=model, chief=chief)
             for line in found.describe():
                 print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
-            if trainer.restore(found):
+            if start := trainer.restore(found):
                 run_dir.commit()
-                print(f"Resuming {run_dir.path} from {found.path} (step {found.step}).", flush=True)
+                print(f"Resuming {run_dir.path} from {found.path} (step {start}).", flush=True)
             try:
                 record = trainer.train(on_checkpoint=lambda step: run_dir.commit())
                 run_dir.commit()
