@@ -33,12 +33,22 @@ FLAGS = flags.FLAGS
 # Flags that are not settings: what to run and how to lay out the CPU, never saved with a run.
 _CONTROL_FLAGS = ("experiment", "cpu_replicas")
 
+
+class _KeywordsParser(flags.ListParser):
+    """`a=1,b=x` -> `{'a': 1, 'b': 'x'}` (`parse_model_kwargs`); a bad item is a flag error."""
+
+    def parse(self, argument):
+        return (
+            argument if isinstance(argument, dict) else parse_model_kwargs(super().parse(argument))
+        )
+
+
 _DEFINE = {
     str: flags.DEFINE_string,
     int: flags.DEFINE_integer,
     float: flags.DEFINE_float,
     bool: flags.DEFINE_bool,
-    dict: flags.DEFINE_list,  # key=value items, parsed by `parse_model_kwargs`
+    dict: lambda *args, **kwargs: flags.DEFINE(_KeywordsParser(), *args, **kwargs),
 }
 
 
@@ -50,11 +60,8 @@ def _flag_type(hint: Any) -> type:
 
 
 def _help(field) -> str:
-    meta = field.metadata
-    default = meta["default_help"] or (
-        f"from --preset, else {field.default!r}" if field.default is not None else None
-    )
-    return f"{meta['help']} (default: {default})" if default else meta["help"]
+    default = field.metadata["default_help"] or f"from --preset, else {field.default!r}"
+    return f"{field.metadata['help']} (default: {default})"
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -74,8 +81,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             flags.DEFINE_enum(name, None, list(choices), _help(field), flag_values=flag_values)
         else:
             _DEFINE[kind](name, None, _help(field), flag_values=flag_values)
-        if kind is dict:
-            flags.register_validator(name, _check_model_kwargs, flag_values=flag_values)
     flags.DEFINE_integer(
         "cpu_replicas",
         0,
@@ -83,15 +88,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "so --strategy=mirrored can run on a CPU-only machine.",
         flag_values=flag_values,
     )
-
-
-def _check_model_kwargs(items: list[str] | None) -> bool:
-    """absl validator: a malformed --model_kwargs is a flag error (one line, status 2)."""
-    try:
-        parse_model_kwargs(items or [])
-    except ValueError as error:
-        raise flags.ValidationError(str(error)) from error
-    return True
 
 
 def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
@@ -118,13 +114,8 @@ def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
 
 def explicit_values(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
     """Returns `TrainConfig` field -> value for the settings given explicitly (not `preset`)."""
-    explicit = {}
-    for name in config_lib.field_names():
-        if name != "preset" and flag_values[name].present:
-            value = flag_values[name].value
-            # List flags are the key=value settings (`model_kwargs`).
-            explicit[name] = parse_model_kwargs(value) if isinstance(value, list) else value
-    return explicit
+    names = [n for n in config_lib.field_names() if n != "preset" and flag_values[n].present]
+    return {name: flag_values[name].value for name in names}
 
 
 def present(flag_values: flags.FlagValues = FLAGS) -> list[str]:
