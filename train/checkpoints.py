@@ -123,6 +123,23 @@ def find_restorable(checkpoint_dir: str | os.PathLike) -> Found:
     return found
 
 
+def check_not_past(step: int | None, train_steps: int, model_dir: str | os.PathLike) -> None:
+    """Refuses to resume a run at `step` that `--train_steps` would end earlier.
+
+    Example:
+
+    >>> check_not_past(60, 30, "runs/a")
+    Traceback (most recent call last):
+    ...
+    ValueError: --model_dir=runs/a is already trained to step 60 > --train_steps=30; ...
+    """
+    if step is not None and step > train_steps:
+        raise ValueError(
+            f"--model_dir={model_dir} is already trained to step {step} > "
+            f"--train_steps={train_steps}; pass --train_steps>={step}."
+        )
+
+
 def repair_state(checkpoint_dir: str | os.PathLike, found: Found) -> bool:
     """Rewrites the state file to name `found.path` as the latest checkpoint, if it does not.
 

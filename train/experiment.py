@@ -163,12 +163,8 @@ def _prepare(config: TrainConfig, cpu_replicas: int):
             + "; ".join(found.describe())
             + "); move that folder away to start this run over."
         )
-    # Checked here too (Trainer.train does) so that a refused run leaves config.json as it was.
-    if found.step is not None and found.step > config.train_steps:
-        raise ValueError(
-            f"--model_dir={config.model_dir} is already trained to step {found.step} > "
-            f"--train_steps={config.train_steps}; pass --train_steps>={found.step}."
-        )
+    # Before the model_dir is claimed, so that a refused run leaves its config.json as it was.
+    checkpoints.check_not_past(found.step, config.train_steps, config.model_dir)
     return run_dir, strategy, data, model, found
 
 
