@@ -33,7 +33,7 @@ NON_NEGATIVE: Check = (lambda v: v >= 0, ">= 0")
 
 def setting(
     default: Any,
-    help: str,  # noqa: A002 - the word absl uses
+    help: str,
     *,
     default_help: str | None = None,
     choices: Sequence[Any] | None = None,
@@ -316,16 +316,12 @@ def validate(config: TrainConfig) -> None:
         ValueError: naming the offending flag and the accepted values.
     """
     for name, field in settings().items():
-        value, choices, check = (
-            getattr(config, name),
-            field.metadata["choices"],
-            field.metadata["check"],
-        )
-        if value is None:
+        value, meta = getattr(config, name), field.metadata
+        if value is None:  # "not given": the default_help says what happens
             continue
-        if choices is not None and value not in choices:
-            raise ValueError(f"--{name} must be one of {'|'.join(choices)}, got {value!r}.")
-        if check is not None and not check[0](value):
-            raise ValueError(f"--{name} must be {check[1]}, got {value!r}.")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ValueError(f"--{name} must be one of {'|'.join(meta['choices'])}, got {value!r}.")
+        if meta["check"] is not None and not meta["check"][0](value):
+            raise ValueError(f"--{name} must be {meta['check'][1]}, got {value!r}.")
     if config.fold_bn and config.export_dir is None:
         raise ValueError("--fold_bn needs --export_dir (it selects what is exported).")
