@@ -73,7 +73,7 @@ def _dispatch() -> dict:
     except experiment.RunError as error:
         fail(error, error.status)
     except KeyboardInterrupt:  # before training started
-        fail("interrupted.", status=130)
+        fail("interrupted before training started.", status=130)
     return result
 
 
