@@ -9,14 +9,17 @@ block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of
   1.5-4x faster than the fused kernel (see ``benchmarks/layer_step.py``), because XLA fuses the
   reductions and the elementwise passes; it also works inside an outer ``jit_compile``.
 
-Both view the input as ``[A, C]`` (channels-last) or ``[A, C, B]`` (channels-first) with
-statistics over every axis but ``C``, so any rank works with one code path.
+Both compute the one training transform of :mod:`keras_bn.transform` (Batch Renormalization
+included: it only changes gamma and beta per channel). Both view the input as ``[A, C]``
+(channels-last) or ``[A, C, B]`` (channels-first) with statistics over every axis but ``C``, so
+any rank works with one code path.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_bn import transform
 from keras_bn.moments import all_reduce_sum, merge_replica_rows, pack_into_replica_row
 
 # cuDNN's fused kernel refuses epsilon below 1e-5.
@@ -25,7 +28,7 @@ SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
 def fused_layout(feature_axes: list[int], rank: int) -> str | None:
-    """"NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
+    """ "NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
     are a contiguous block right after the batch axis, else None (no fused path)."""
     if feature_axes != list(range(feature_axes[0], feature_axes[-1] + 1)):
         return None
@@ -59,8 +62,9 @@ def _per_channel(v, x):
     return v if x.shape.rank == 2 else v[:, None]
 
 
-def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_axes,
-                        implementation):
+def batch_norm_training(
+    x, gamma, beta, epsilon, layout, channels, num_feature_axes, implementation, renorm=None
+):
     """Alg. 1 on ``x``: returns ``(y, mean, variance)``.
 
     Args:
@@ -71,6 +75,8 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
         channels: product of the feature dimensions.
         num_feature_axes: how many axes the feature block spans.
         implementation: "kernel" or "xla".
+        renorm: optional :class:`keras_bn.transform.Renorm` (length-``channels`` fields):
+            Batch Renormalization's correction of gamma and beta.
 
     Returns:
         ``y`` with the shape and dtype of ``x``; float32 ``mean`` and *biased* ``variance``
@@ -78,13 +84,26 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
     """
     x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     if implementation == "kernel":
-        y3, mean, variance = _kernel_training(x3, gamma, beta, epsilon, layout)
+        y3, mean, variance = _kernel_training(x3, gamma, beta, epsilon, layout, renorm)
     else:
-        y3, mean, variance = _xla_training(x3, gamma, beta, tf.constant(epsilon, tf.float32))
+        y3, mean, variance = _xla_training(
+            x3, gamma, beta, tf.constant(epsilon, tf.float32), renorm
+        )
     return tf.reshape(y3, tf.shape(x)), mean, variance
 
 
-def _kernel_training(x3, gamma, beta, epsilon, layout):
+def _kernel_training(x3, gamma, beta, epsilon, layout, renorm=None):
+    if renorm is not None:
+        # The corrected gamma/beta depend on this batch's moments: let the kernel normalize
+        # (gamma 1, beta 0), then apply them as one per-channel multiply-add.
+        x_hat, mean, variance = _kernel_training(
+            x3, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
+        )
+        correction = transform.renorm_correction(mean, variance, epsilon, renorm)
+        scale, offset = transform.corrected_params(gamma, beta, correction)
+        x_hat = tf.cast(x_hat, tf.float32)
+        y3 = x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat)
+        return tf.cast(y3, x3.dtype), mean, variance
     channels = x3.shape[1]
     # [A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1].
     x4 = tf.reshape(x3, [-1, 1, 1, channels]) if layout == "NHWC" else x3[..., None]
@@ -111,8 +130,17 @@ def _kernel_training(x3, gamma, beta, epsilon, layout):
 
 def _affine(x, mean, variance, gamma, beta, epsilon):
     """gamma * (x - mean) / sqrt(variance + epsilon) + beta, for length-C statistics."""
-    multiplier = gamma * tf.math.rsqrt(variance + epsilon)
-    return x * _per_channel(multiplier, x) + _per_channel(beta - mean * multiplier, x)
+    multiplier, offset = transform.scale_and_offset(mean, variance, gamma, beta, epsilon)
+    return x * _per_channel(multiplier, x) + _per_channel(offset, x)
+
+
+def _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm):
+    """The transform with renorm's correction (if any): ``(y, correction)``."""
+    correction = (
+        None if renorm is None else transform.renorm_correction(mean, variance, epsilon, renorm)
+    )
+    gamma, beta = transform.corrected_params(gamma, beta, correction)
+    return _affine(x, mean, variance, gamma, beta, epsilon), correction
 
 
 def _grad_sums(dy, x, mean, variance, epsilon):
@@ -134,33 +162,45 @@ def _count(x):
     return tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
 
 
+def _params_and_input_grads(
+    dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n, correction
+):
+    """``(dx, dgamma, dbeta)`` of the (possibly renorm-corrected) transform."""
+    scale = transform.corrected_scale(gamma, correction)
+    dx = _input_grad(dy, x_hat, variance, scale, epsilon, sum_dy, sum_dy_x_hat, n)
+    d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+    return dx, d_gamma, d_beta
+
+
 @tf.function(jit_compile=True)
-def _xla_forward(x3, gamma, beta, epsilon):
+def _xla_forward(x3, gamma, beta, epsilon, renorm):
     x = tf.cast(x3, tf.float32)
     axes = _reduction_axes(x)
     mean = tf.reduce_mean(x, axes)
     variance = tf.reduce_mean(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
-    y = _affine(x, mean, variance, gamma, beta, epsilon)
-    return tf.cast(y, x3.dtype), mean, variance
+    y, correction = _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm)
+    return tf.cast(y, x3.dtype), mean, variance, correction
 
 
 @tf.function(jit_compile=True)
-def _xla_backward(dy3, x3, mean, variance, gamma, epsilon):
+def _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
-    d_beta, d_gamma, x_hat = _grad_sums(dy, x, mean, variance, epsilon)
-    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, d_beta, d_gamma, _count(x))
+    sum_dy, sum_dy_x_hat, x_hat = _grad_sums(dy, x, mean, variance, epsilon)
+    dx, d_gamma, d_beta = _params_and_input_grads(
+        dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, _count(x), correction
+    )
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
-def _xla_training(x3, gamma, beta, epsilon):
+def _xla_training(x3, gamma, beta, epsilon, renorm=None):
     @tf.custom_gradient
     def training(x3, gamma, beta):
-        y3, mean, variance = _xla_forward(x3, gamma, beta, epsilon)
+        y3, mean, variance, correction = _xla_forward(x3, gamma, beta, epsilon, renorm)
 
         def grad(dy3, d_mean, d_variance):
             # The mean/variance outputs only feed the moving statistics (no gradient).
             del d_mean, d_variance
-            return _xla_backward(dy3, x3, mean, variance, gamma, epsilon)
+            return _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction)
 
         return (y3, mean, variance), grad
 
@@ -183,34 +223,40 @@ def _xla_replica_row(x3, replica_id, replicas):
 
 
 @tf.function(jit_compile=True)
-def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon):
+def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon, renorm):
     """The global moments from every replica's row, and the affine map with them."""
     merged = merge_replica_rows(gathered)
-    y = _affine(tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon)
-    return tf.cast(y, x3.dtype), merged.count, merged.mean, merged.variance
+    y, correction = _corrected_affine(
+        tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon, renorm
+    )
+    return tf.cast(y, x3.dtype), merged.count, merged.mean, merged.variance, correction
 
 
 @tf.function(jit_compile=True)
-def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon):
+def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon, correction):
     """This replica's ``[sum dy, sum dy * x_hat]`` as one message, and its dgamma, dbeta."""
-    d_beta, d_gamma, _ = _grad_sums(
+    sum_dy, sum_dy_x_hat, _ = _grad_sums(
         tf.cast(dy3, tf.float32), tf.cast(x3, tf.float32), mean, variance, epsilon
     )
-    return tf.stack([d_beta, d_gamma]), d_gamma, d_beta
+    d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+    return tf.stack([sum_dy, sum_dy_x_hat]), d_gamma, d_beta
 
 
 @tf.function(jit_compile=True)
-def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n):
+def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n, correction):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
     x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    scale = transform.corrected_scale(gamma, correction)
     # Without a mask every channel has the same global count.
-    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, sums[0], sums[1],
-                     tf.maximum(tf.reduce_max(n), 1.0))
+    dx = _input_grad(
+        dy, x_hat, variance, scale, epsilon, sums[0], sums[1], tf.maximum(tf.reduce_max(n), 1.0)
+    )
     return tf.cast(dx, x3.dtype)
 
 
-def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
-                                     num_feature_axes, replica_context):
+def synchronized_batch_norm_training(
+    x, gamma, beta, epsilon, layout, channels, num_feature_axes, replica_context, renorm=None
+):
     """Alg. 1 over the GLOBAL batch of all replicas: ``(y, count, mean, variance)``.
 
     Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce, then the exact
@@ -219,7 +265,8 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
     of those 2C values, then dx; dgamma/dbeta stay local (the optimizer sums them over
     replicas). The small per-channel steps live inside the compiled passes: on CPUs each
     separate TensorFlow op would cost more than its arithmetic.
-    Arguments are as for :func:`batch_norm_training`; count/mean/variance have length C.
+    Arguments are as for :func:`batch_norm_training` (renorm's r and d come from the global
+    moments); count/mean/variance have length C.
     """
     x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     epsilon = tf.constant(epsilon, tf.float32)
@@ -228,15 +275,19 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
     @tf.custom_gradient
     def training(x3, gamma, beta):
         row = _xla_replica_row(x3, replica_context.replica_id_in_sync_group, replicas)
-        y3, count, mean, variance = _xla_merge_and_apply(
-            x3, all_reduce_sum(replica_context, row), gamma, beta, epsilon
+        y3, count, mean, variance, correction = _xla_merge_and_apply(
+            x3, all_reduce_sum(replica_context, row), gamma, beta, epsilon, renorm
         )
 
         def grad(dy3, d_count, d_mean, d_variance):
             del d_count, d_mean, d_variance  # statistics feed only the moving averages
-            local, d_gamma, d_beta = _xla_local_grad_sums(dy3, x3, mean, variance, epsilon)
+            local, d_gamma, d_beta = _xla_local_grad_sums(
+                dy3, x3, mean, variance, epsilon, correction
+            )
             sums = all_reduce_sum(replica_context, local)
-            dx = _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, count)
+            dx = _xla_synced_input_grad(
+                dy3, x3, mean, variance, gamma, epsilon, sums, count, correction
+            )
             return dx, d_gamma, d_beta
 
         return (y3, count, mean, variance), grad

@@ -108,9 +108,24 @@ def test_rank_change_after_build_is_an_error():
         layer(np.zeros((2, 4, 3), np.float32))
 
 
-def test_integer_inputs_are_an_error():
-    with pytest.raises(ValueError, match="floating"):
-        keras_bn.BatchNormalization()(np.zeros((2, 3), np.int32))
+def test_feature_size_change_after_build_names_both_sizes():
+    layer = keras_bn.BatchNormalization()
+    layer(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"built for \(3,\) features.*with \(5,\)"):
+        layer(np.zeros((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
+@pytest.mark.parametrize("training", [True, False])
+def test_integer_and_boolean_inputs_are_cast_as_keras_casts_them(dtype, training):
+    x = (np.arange(24).reshape(8, 3) % 5).astype(dtype)
+    ours = keras_bn.BatchNormalization(unbiased_variance=False)
+    theirs = keras.layers.BatchNormalization()
+    y = ours(x, training=training)
+    expected = theirs(x, training=training)
+    assert y.dtype == expected.dtype == tf.float32
+    np.testing.assert_allclose(y.numpy(), keras.ops.convert_to_numpy(expected), atol=1e-5)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
