@@ -199,3 +199,95 @@ def test_renorm_argument_errors_match_keras():
         keras_bn.BatchNormalization(renorm=True, renorm_clipping={"dmax": -1.0})
     with pytest.raises(ValueError, match="renorm_momentum"):
         keras_bn.BatchNormalization(renorm=True, renorm_momentum=1.0)
+
+
+RENORM_ACROSS_REPLICAS = """
+from test_distributed import PRELUDE
+exec(PRELUDE.format(replicas=3))
+from test_layer_renorm import CLIPPING
+
+def case(sizes, tail, synchronized, mask_tail=None, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(rng.normal(3, 2), rng.uniform(0.5, 3), (n,) + tail).astype(np.float32)
+          for n in sizes]
+    dys = [rng.normal(size=(n,) + tail).astype(np.float32) for n in sizes]
+    masks = None if mask_tail is None else [rng.random((n,) + mask_tail) < 0.7 for n in sizes]
+    c = tail[-1]
+    with strategy.scope():
+        layer = keras_bn.BatchNormalization(
+            momentum=0.5, renorm=True, renorm_clipping=CLIPPING, renorm_momentum=0.7,
+            synchronized=synchronized)
+        layer.build((None,) + tail)
+    layer.renorm_mean.assign(np.linspace(1.0, 5.0, c).astype(np.float32))
+    layer.renorm_stddev.assign(np.linspace(1.0, 4.0, c).astype(np.float32))
+    layer.gamma.assign(np.linspace(0.5, 1.5, c).astype(np.float32))
+    state = [v.numpy().astype(np.float64) for v in (
+        layer.moving_mean, layer.moving_stddev, layer.renorm_mean, layer.renorm_stddev)]
+    gamma = layer.gamma.numpy().astype(np.float64)
+    per_replica = lambda arrays: strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
+
+    @tf.function
+    def run(x, dy, m):
+        def step(x, dy, m):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, training=True, mask=m) * dy)
+            dx, dg, db = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+            ctx = tf.distribute.get_replica_context()
+            return dx, ctx.all_reduce("sum", dg), ctx.all_reduce("sum", db)
+        return strategy.run(step, args=(x, dy, m))
+
+    @tf.function
+    def forward(x, m):
+        return strategy.run(lambda x, m: layer(x, training=True, mask=m), args=(x, m))
+
+    dist_m = per_replica(masks) if masks else None
+    local = lambda t: [v.numpy() for v in strategy.experimental_local_results(t)]
+    # Outputs from a forward whose update we undo, then the gradient step (one update).
+    saved = [v.numpy() for v in layer.non_trainable_weights]
+    y = local(forward(per_replica(xs), dist_m))
+    for v, s in zip(layer.non_trainable_weights, saved):
+        v.assign(s)
+    dx, dg, db = run(per_replica(xs), per_replica(dys), dist_m)
+    dx, dg, db = local(dx), local(dg)[0], local(db)[0]
+    groups = [slice(0, sum(sizes))] if synchronized else [
+        slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    x, dy = np.concatenate(xs), np.concatenate(dys)
+    y, dx = np.concatenate(y), np.concatenate(dx)
+    mask = None if not masks else np.broadcast_to(np.concatenate(masks)[..., None], x.shape)
+    red = tuple(range(x.ndim - 1))
+    ref_dg = np.zeros(c)
+    ref_db = np.zeros(c)
+    for g in groups:
+        m = None if mask is None else mask[g]
+        r, d = bn_oracle.renorm_correction(x[g], red, layer.epsilon, state[2], state[3],
+                                           mask=m, **CLIPPING)
+        np.testing.assert_allclose(y[g], bn_oracle.renorm_forward(
+            x[g], red, gamma, 0.0, layer.epsilon, r, d, m), rtol=1e-4, atol=1e-4)
+        ref_dx, g_dg, g_db = bn_oracle.renorm_backward(x[g], dy[g], red, gamma, layer.epsilon,
+                                                       r, d, m)
+        np.testing.assert_allclose(dx[g], ref_dx, rtol=1e-4, atol=1e-4)
+        ref_dg += g_dg.reshape(-1)
+        ref_db += g_db.reshape(-1)
+    np.testing.assert_allclose(dg, ref_dg, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, ref_db, rtol=1e-4, atol=1e-3)
+    # Moving statistics: the global batch (also for the local layer), identical on replicas.
+    ref_state, ref_var = bn_oracle.renorm_state_after(
+        x, red, layer.epsilon, state, 0.5, 0.7, unbiased=True, mask=mask)
+    names = ("moving_mean", "moving_stddev", "renorm_mean", "renorm_stddev")
+    for name, want in zip(names, ref_state):
+        copies = local(getattr(layer, name).value)
+        for got in copies:
+            np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-5, atol=1e-5)
+    print("OK", synchronized, mask_tail)
+
+case([5, 3, 4], (2, 2, 4), synchronized=True)               # fused synced path
+case([5, 3, 4], (6, 4), synchronized=True, mask_tail=(6,))   # masked: generic synced path
+case([5, 3, 4], (2, 2, 4), synchronized=False, seed=1)       # local r, d on each replica
+"""
+
+
+def test_renorm_across_replicas_matches_oracle_on_global_and_local_batches(python_subprocess):
+    out = python_subprocess(RENORM_ACROSS_REPLICAS)
+    assert out.count("OK") == 3
