@@ -35,9 +35,14 @@ class BatchNormalization(keras.layers.Layer):
       and one backward, merged stably and weighted by each replica's real count (under
       MirroredStrategy the exchanges are in-graph sums; see ``keras_bn.moments.all_reduce_sum``).
     - Moving statistics stay identical on every replica of a ``tf.distribute`` strategy.
-    - ``axis`` may be a list of axes; a fused kernel (FusedBatchNormV3) is used whenever the
-      semantics allow (no mask, no cross-replica moments, contiguous feature axes first or
-      last), for any rank.
+    - ``axis`` may be a list of axes; a fused training transform is used whenever the feature
+      axes are a contiguous block first or last and there is no mask and no ghost batches, for
+      any rank, locally, across replicas and with renorm.
+
+    Also from tf-keras: ``virtual_batch_size`` (ghost batch normalization). Batch
+    Renormalization (``renorm``) has Keras 3.15's weights, weight order and config keys, so a
+    Keras layer's config and weights load into this one (with ``unbiased_variance=False`` it
+    gives the same outputs).
 
     Args:
         axis: Integer or list of integers, the feature axis/axes (``-1`` for channels_last,
@@ -61,6 +66,22 @@ class BatchNormalization(keras.layers.Layer):
             update.
         moving_variance_constraint: Optional constraint applied to the moving variance after
             each update.
+        renorm: If True, Batch Renormalization (Ioffe, 2017): in training the normalized
+            values become ``x_hat * r + d`` with ``r = clip(sigma_B / sigma)`` and
+            ``d = clip((mu_B - mu) / sigma)``, where ``sigma_B = sqrt(batch variance +
+            epsilon)`` and ``mu``, ``sigma`` are the ``renorm_mean`` / ``renorm_stddev`` moving
+            averages (``sigma`` floored at ``sqrt(epsilon)``). ``r`` and ``d`` carry no gradient.
+            Adds the weights ``moving_stddev``, ``renorm_mean``, ``renorm_stddev`` (Keras's names
+            and order). ``moving_stddev`` moves toward ``sqrt(population variance + epsilon)``
+            (``n/(n-1)``-corrected when ``unbiased_variance``) and
+            ``moving_variance = max(moving_stddev**2 - epsilon, 0)``; inference is unchanged.
+            With ``synchronized=True``, ``r`` and ``d`` come from the global batch.
+        renorm_clipping: Dict with optional keys ``"rmin"``, ``"rmax"``, ``"dmax"`` (defaults
+            ``0``, ``inf``, ``inf``): ``r`` is clipped to ``[rmin, rmax]``, ``d`` to
+            ``[-dmax, dmax]``. Only used with ``renorm=True``.
+        renorm_momentum: Weight of the old value of ``renorm_mean`` / ``renorm_stddev``, in
+            ``[0, 1)``. Defaults to ``0.99``. Only used with ``renorm=True``; ``momentum`` (or
+            ``None``) still drives the inference statistics.
         synchronized: If True, batch statistics are computed over all replicas of the current
             ``tf.distribute`` strategy (any strategy: Mirrored, MultiWorkerMirrored, TPU). In a
             cross-replica context or with no strategy the layer behaves as the local one.
@@ -72,15 +93,32 @@ class BatchNormalization(keras.layers.Layer):
             XLA-compiled fused formulation on CPUs (faster there). ``True``: always
             FusedBatchNormV3 (needs ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops.
             All give the same results to float rounding.
+        virtual_batch_size: Optional positive int: ghost batch normalization (Hoffer et al.,
+            2017). In training each ghost batch of ``virtual_batch_size`` examples is
+            normalized with its own statistics, grouped as tf-keras groups them: a batch of
+            ``N`` examples is viewed as ``[virtual_batch_size, N / virtual_batch_size, ...]``,
+            so ghost batch ``j`` holds examples ``j, j + N/v, j + 2N/v, ...``. The moving
+            statistics move toward the average of the ghost batches' means and variances
+            (each variance ``n/(n-1)``-corrected on the ghost batch's count when
+            ``unbiased_variance``), once per step, as tf-keras does. The batch size must be a
+            multiple of it in training (ValueError naming both; an InvalidArgumentError for a
+            batch size known only at run time); inference uses the moving statistics for a
+            batch of any size. It cannot be combined with ``synchronized=True`` (ghost batches
+            are subsets of one replica's batch: each replica normalizes its own ghost batches,
+            and the moving statistics still agree across replicas) nor with ``renorm=True``.
+            Feature axes may not include axis 0.
         **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
 
     Call arguments:
-        inputs: Floating-point input tensor of any rank.
+        inputs: Input tensor of any rank. Integer and boolean inputs are cast to float32, as
+            Keras casts them.
         training: Python boolean or None. True normalizes with batch statistics and updates
             the moving statistics; False uses the moving statistics.
-        mask: Optional boolean tensor with the rank of ``inputs``, or that rank without the
-            feature axes (e.g. ``(batch, time)`` for ``(batch, time, C)``). Masked-out entries
-            are excluded from the statistics and from ``n``; every entry is normalized.
+        mask: Optional boolean tensor broadcastable to ``inputs``, or of rank
+            ``rank(inputs) - 1``: then, as in Keras (what ``Masking`` and ``Embedding``
+            produce), it is ``inputs.shape[:-1]`` and is expanded on the last axis, whatever
+            ``axis`` is. Masked-out entries are excluded from the statistics and from ``n``;
+            every entry is normalized.
 
     Setting ``layer.trainable = False`` freezes the layer *and* runs it in inference mode,
     as in Keras (useful for fine-tuning); it does not update the moving statistics.
@@ -97,8 +135,14 @@ class BatchNormalization(keras.layers.Layer):
     >>> bool(abs(float(keras.ops.mean(y))) < 1e-5)
     True
 
+    Loading weights written by ``keras.layers.BatchNormalization`` into a layer with
+    ``momentum=None`` (which has one more variable, ``moving_count``, always last): the loaded
+    statistics count as one batch seen (``moving_count = 1``); see ``load_own_variables``.
+
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+        - [Ioffe, 2017: Batch Renormalization](https://arxiv.org/abs/1702.03275).
+        - [Hoffer et al., 2017: ghost batch normalization](https://arxiv.org/abs/1705.08741).
     """
 
     def __init__(
