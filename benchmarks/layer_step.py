@@ -99,17 +99,23 @@ def bench(shape, jit, repeats, suite="bn", warmup=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES,
-                        help="comma-separated shapes, channels last")
+    parser.add_argument(
+        "--shapes", nargs="*", default=DEFAULT_SHAPES, help="comma-separated shapes, channels last"
+    )
     parser.add_argument("--suite", nargs="*", default=["bn"], choices=["bn", "renorm", "ghost"])
     args = parser.parse_args(argv)
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPUs, median of {args.repeats} steps")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"{os.cpu_count()} CPUs, median of {args.repeats} steps"
+    )
     for suite in args.suite:
         names = list(_implementations(suite, 4))
         anchors = [n for n in names if n != "keras_bn"]
-        print(f"{'suite':<8}{'shape':<18}{'xla':<6}" + "".join(f"{n + ' ms':>14}" for n in names)
-              + "".join(f"{'ours/' + n:>15}" for n in anchors))
+        print(
+            f"{'suite':<8}{'shape':<18}{'xla':<6}"
+            + "".join(f"{n + ' ms':>14}" for n in names)
+            + "".join(f"{'ours/' + n:>15}" for n in anchors)
+        )
         for spec in args.shapes:
             shape = tuple(int(d) for d in spec.split(","))
             for jit in (False, True):
