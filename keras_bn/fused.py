@@ -58,8 +58,18 @@ def _reduction_axes(x):
 
 
 def _per_channel(v, x):
-    """A length-C vector shaped to broadcast against ``x`` ([A, C] or [A, C, B])."""
-    return v if x.shape.rank == 2 else v[:, None]
+    """A statistic shaped to broadcast against ``x``: length C for ``[A, C]`` or ``[A, C, B]``,
+    ``[G, C]`` for the ghost-batch view ``[v, G, B, C]``."""
+    if x.shape.rank == 2:
+        return v
+    if x.shape.rank == 3:
+        return v[:, None]
+    return v[None, :, None, :]
+
+
+def _summed_over_ghost_batches(v, x):
+    """gamma/beta gradients: per channel, summed over the ghost batches of the ghost view."""
+    return tf.reduce_sum(v, 0) if x.shape.rank == 4 else v
 
 
 def batch_norm_training(
@@ -159,7 +169,9 @@ def _input_grad(dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n):
 
 
 def _count(x):
-    return tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
+    """Values behind each statistic (per ghost batch in the ghost view)."""
+    statistics = tf.shape(x)[1] * (tf.shape(x)[3] if x.shape.rank == 4 else 1)
+    return tf.cast(tf.size(x) // statistics, tf.float32)
 
 
 def _params_and_input_grads(
@@ -189,6 +201,7 @@ def _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction):
     dx, d_gamma, d_beta = _params_and_input_grads(
         dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, _count(x), correction
     )
+    d_gamma, d_beta = (_summed_over_ghost_batches(v, x) for v in (d_gamma, d_beta))
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
@@ -205,6 +218,23 @@ def _xla_training(x3, gamma, beta, epsilon, renorm=None):
         return (y3, mean, variance), grad
 
     return training(x3, gamma, beta)
+
+
+def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_batches):
+    """Ghost batch normalization with the XLA formulation, for feature axes last.
+
+    ``x`` is viewed as ``[v, N / v, B, C]`` (``ghost_batches``, a
+    :class:`keras_bn.moments.GhostBatches`, checks the batch size and groups the examples as
+    tf-keras does); each ghost batch is normalized with its own statistics.
+
+    Returns:
+        ``(y, count, mean, variance)``: ``y`` like ``x``; the values behind each ghost batch's
+        statistics, and the ``[N / v, C]`` means and biased variances.
+    """
+    split = ghost_batches.split(x)
+    x4 = tf.reshape(split, tf.stack([ghost_batches.size, tf.shape(split)[1], -1, channels]))
+    y4, mean, variance = _xla_training(x4, gamma, beta, tf.constant(epsilon, tf.float32))
+    return tf.reshape(y4, tf.shape(x)), _count(x4), mean, variance
 
 
 # ---- Synchronized (cross-replica) variant: the same math around two collectives.

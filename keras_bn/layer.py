@@ -408,7 +408,10 @@ class BatchNormalization(keras.layers.Layer):
         batch :class:`Moments` the moving statistics move toward (global when synced)."""
         replicas = moments_lib.multi_replica_context()
         synced = replicas if self.synchronized else None
-        if mask is None and self.virtual_batch_size is None and self._can_fuse(inputs):
+        fusable = self._can_fuse(inputs) and (
+            self.virtual_batch_size is None or self._fused_layout == "NHWC"
+        )
+        if mask is None and fusable:
             outputs, batch = self._fused_training(inputs, synced)
         else:
             outputs, batch = self._training_transform(inputs, mask, synced)
@@ -475,6 +478,16 @@ class BatchNormalization(keras.layers.Layer):
             len(self._feature_axes),
         )
         renorm = self._renorm_state([channels])
+        if self.virtual_batch_size is not None:
+            # Always the XLA formulation: FusedBatchNormV3 has no ghost batches.
+            ghosts = moments_lib.GhostBatches(self.virtual_batch_size)
+            outputs, count, mean, variance = fused_lib.ghost_batch_norm_training(
+                *args[:4], channels, ghosts
+            )
+            batch = ghosts.averaged(moments_lib.Moments(count, mean[None], variance[None]))
+            return outputs, moments_lib.Moments(
+                *(tf.reshape(v, self._broadcast_shape) for v in batch)
+            )
         if replicas is not None:
             outputs, count, mean, variance = fused_lib.synchronized_batch_norm_training(
                 *args, replicas, renorm

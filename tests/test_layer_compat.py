@@ -73,9 +73,16 @@ def test_full_rank_mask_still_works_and_wrong_mask_is_a_clear_error():
 
 
 @pytest.mark.parametrize("shape", [(16, 6), (12, 3, 3, 4)], ids=["dense", "nhwc"])
-def test_ghost_batches_match_tf_keras_outputs_gradients_and_moving_statistics(shape):
+@pytest.mark.parametrize("path", ["fused", "plain", "all_true_mask"])
+def test_ghost_batches_match_tf_keras_outputs_gradients_and_moving_statistics(shape, path):
     rng = np.random.default_rng(2)
-    ours = keras_bn.BatchNormalization(virtual_batch_size=4, momentum=0.9, unbiased_variance=False)
+    ours = keras_bn.BatchNormalization(
+        virtual_batch_size=4,
+        momentum=0.9,
+        unbiased_variance=False,
+        fused=None if path == "fused" else False,
+    )
+    mask = np.ones(shape[:-1], bool) if path == "all_true_mask" else None
     theirs = tf_keras.layers.BatchNormalization(virtual_batch_size=4, momentum=0.9)
     # Every example has its own scale and offset, so the grouping matters.
     per_example = (-1,) + (1,) * (len(shape) - 1)
@@ -88,7 +95,7 @@ def test_ghost_batches_match_tf_keras_outputs_gradients_and_moving_statistics(sh
         for layer in (ours, theirs):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = layer(x, training=True)
+                y = layer(x, training=True, mask=mask if layer is ours else None)
                 loss = tf.reduce_sum(y * dy)
             results.append((y, tape.gradient(loss, x)))
         (y, dx), (ref_y, ref_dx) = results
