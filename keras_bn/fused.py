@@ -232,8 +232,20 @@ def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_batches):
         statistics, and the ``[N / v, C]`` means and biased variances.
     """
     split = ghost_batches.split(x)
-    x4 = tf.reshape(split, tf.stack([ghost_batches.size, tf.shape(split)[1], -1, channels]))
-    y4, mean, variance = _xla_training(x4, gamma, beta, tf.constant(epsilon, tf.float32))
+    ghosts = tf.shape(split)[1]
+    epsilon = tf.constant(epsilon, tf.float32)
+    if x.shape.rank == 2:
+        # One value per example and channel: [v, N/v * C] is the plain [A, C] layout (the
+        # fastest to reduce), with gamma and beta repeated for each ghost batch.
+        x2 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts * channels]))
+        y, mean, variance = _xla_training(
+            x2, tf.tile(gamma, [ghosts]), tf.tile(beta, [ghosts]), epsilon
+        )
+        shape = tf.stack([ghosts, channels])
+        mean, variance = tf.reshape(mean, shape), tf.reshape(variance, shape)
+        return tf.reshape(y, tf.shape(x)), _count(x2), mean, variance
+    x4 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts, -1, channels]))
+    y4, mean, variance = _xla_training(x4, gamma, beta, epsilon)
     return tf.reshape(y4, tf.shape(x)), _count(x4), mean, variance
 
 
