@@ -88,10 +88,11 @@ class BatchNormalization(keras.layers.Layer):
         unbiased_variance: If True (default, as the paper), the moving variance is updated with
             ``n/(n-1)`` times the batch variance.
         fused: How the training transform is computed when the feature axes are a contiguous
-            block first or last and there is no mask and no cross-replica moments. ``None``
-            (default): TensorFlow's FusedBatchNormV3 kernel when a GPU is visible, an
-            XLA-compiled fused formulation on CPUs (faster there). ``True``: always
-            FusedBatchNormV3 (needs ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops.
+            block first or last and there is no mask. ``None`` (default): TensorFlow's
+            FusedBatchNormV3 kernel when a GPU is visible, an XLA-compiled fused formulation on
+            CPUs (faster there). ``True``: always FusedBatchNormV3 (needs
+            ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops. Across replicas, and for
+            ghost batches (feature axes last), the fused path is always the XLA formulation.
             All give the same results to float rounding.
         virtual_batch_size: Optional positive int: ghost batch normalization (Hoffer et al.,
             2017). In training each ghost batch of ``virtual_batch_size`` examples is

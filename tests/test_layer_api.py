@@ -25,6 +25,9 @@ NON_DEFAULT = dict(
     gamma_constraint=keras.constraints.MaxNorm(2.0),
     moving_mean_constraint=keras.constraints.NonNeg(),
     moving_variance_constraint=keras.constraints.NonNeg(),
+    renorm=True,
+    renorm_clipping={"rmin": 0.5, "rmax": 2.0, "dmax": 1.0},
+    renorm_momentum=0.9,
     synchronized=True,
     unbiased_variance=False,
     fused=False,
@@ -43,6 +46,18 @@ def test_get_config_round_trips_every_argument():
     default = keras_bn.BatchNormalization().get_config()
     assert default["momentum"] == 0.99 and default["unbiased_variance"] is True
     assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == config
+
+
+def test_every_keras_config_loads_and_virtual_batch_size_round_trips():
+    for keras_layer in (
+        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0}, axis=1),
+    ):
+        config = keras_layer.get_config()
+        ours = keras_bn.BatchNormalization.from_config(config)
+        assert {k: ours.get_config()[k] for k in config} == config
+    layer = keras_bn.BatchNormalization(virtual_batch_size=8)
+    assert keras_bn.BatchNormalization.from_config(layer.get_config()).virtual_batch_size == 8
 
 
 def _trained_model():
