@@ -89,8 +89,7 @@ def test_saved_model_export_gives_same_inference_outputs(tmp_path):
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
     reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(x), model(x, training=False), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(reloaded.serve(x), model(x, training=False), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -157,15 +156,21 @@ def test_mixed_precision_keeps_float32_state_and_compute_dtype_output(policy):
         assert all(w.dtype == "float32" for w in layer.weights)
         x_half = np.asarray(tf.cast(tf.cast(x, policy.split("_")[1]), tf.float32), np.float64)
         n = 32 * 16
-        np.testing.assert_allclose(layer.moving_variance.numpy(),
-                                   x_half.reshape(-1, 3).var(0) * n / (n - 1), rtol=1e-4)
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), x_half.reshape(-1, 3).var(0) * n / (n - 1), rtol=1e-4
+        )
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-FUSABLE = [((4, 5, 5, 3), -1, True), ((4, 3, 5, 5), 1, True), ((8, 3), -1, True),
-           ((2, 3, 4, 5, 6), -1, True), ((4, 5, 5, 3), 2, False),
-           ((4, 5, 5, 3), [1, 3], False)]
+FUSABLE = [
+    ((4, 5, 5, 3), -1, True),
+    ((4, 3, 5, 5), 1, True),
+    ((8, 3), -1, True),
+    ((2, 3, 4, 5, 6), -1, True),
+    ((4, 5, 5, 3), 2, False),
+    ((4, 5, 5, 3), [1, 3], False),
+]
 
 
 def _must_compile(op):
@@ -225,8 +230,11 @@ def test_fused_true_needs_kernel_epsilon():
 def test_masked_inputs_take_the_generic_path():
     layer = keras_bn.BatchNormalization()
     layer.build((4, 5, 3))
-    graph = tf.function(lambda x, m: layer(x, training=True, mask=m)).get_concrete_function(
-        tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool)).graph
+    graph = (
+        tf.function(lambda x, m: layer(x, training=True, mask=m))
+        .get_concrete_function(tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool))
+        .graph
+    )
     ops = {op.type for op in graph.get_operations()}
     assert "FusedBatchNormV3" not in ops and "StatefulPartitionedCall" not in ops
 
