@@ -5,9 +5,15 @@ block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of
 
 - ``"kernel"``: TensorFlow's FusedBatchNormV3 and FusedBatchNormGradV3 (cuDNN on a GPU).
 - ``"xla"``: the same math written as two small XLA-compiled functions (forward; and the
-  paper's closed-form backward) tied together by ``tf.custom_gradient``. On CPUs this is
-  1.5-4x faster than the fused kernel (see ``benchmarks/layer_step.py``), because XLA fuses the
-  reductions and the elementwise passes; it also works inside an outer ``jit_compile``.
+  paper's closed-form backward) tied together by ``tf.custom_gradient``. Inside an outer
+  ``jit_compile`` it fuses with its neighbours; it also implements the cross-replica and the
+  ghost-batch variants, which the kernel cannot.
+
+Which is faster depends on the machine. Measured on the 2-core CPU of ``docs/benchmarks.md``
+(TF 2.21, interleaved in one process): outside XLA the kernel took 9.2 ms against 14.4 ms for
+the XLA formulation on (32, 28, 28, 192), 14.8 against 22.6 ms on (32, 56, 56, 64), and 8.7
+against 11.9 ms on (4096, 1024); inside an outer ``jit_compile`` neither wins everywhere (12.6 /
+14.4 ms and 22.8 / 20.0 ms). Hence :func:`default_implementation`.
 
 Both compute the one training transform of :mod:`keras_bn.transform` (Batch Renormalization
 included: it only changes gamma and beta per channel). Both view the input as ``[A, C]``
@@ -40,8 +46,21 @@ def fused_layout(feature_axes: list[int], rank: int) -> str | None:
 
 
 def default_implementation() -> str:
-    """The fused kernel where a GPU is visible (cuDNN), the XLA formulation on CPUs."""
-    return "kernel" if tf.config.list_logical_devices("GPU") else "xla"
+    """The fused kernel where a GPU is visible (cuDNN) and on CPUs outside XLA; the XLA
+    formulation when the caller is being compiled by XLA on a CPU (see the module docstring)."""
+    if tf.config.list_logical_devices("GPU"):
+        return "kernel"
+    return "xla" if _inside_xla_compilation() else "kernel"
+
+
+def _inside_xla_compilation() -> bool:
+    """True while tracing inside a ``jit_compile=True`` function (or when TF cannot tell)."""
+    try:
+        # TF has no public test for this; tf-keras uses the same module.
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TF release without it keeps the old default
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def _as_channels_second(x, layout, channels, num_feature_axes):

@@ -180,7 +180,7 @@ def _must_compile(op):
         return False
 
 
-def _training_step_ops(shape, axis, **kwargs):
+def _training_step_ops(shape, axis, jit_compile=False, **kwargs):
     layer = keras_bn.BatchNormalization(axis=axis, **kwargs)
     layer.build(shape)
 
@@ -190,7 +190,8 @@ def _training_step_ops(shape, axis, **kwargs):
             y = layer(x, training=True)
         return tape.gradient(y, x)
 
-    graph = tf.function(step).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    step = tf.function(step, jit_compile=jit_compile)
+    graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
     ops = {op.type for op in graph.get_operations()}
     xla_calls = [op for op in graph.get_operations() if _must_compile(op)]
     # One compiled call updates the moving statistics on every path; count the others.
@@ -209,10 +210,17 @@ def test_fused_kernel_when_asked(shape, axis, fusable):
 
 
 @pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
-def test_default_on_cpu_is_the_xla_fused_formulation(shape, axis, fusable):
+def test_default_on_cpu_is_the_kernel_outside_xla_and_the_xla_formulation_inside(
+    shape, axis, fusable
+):
+    # No GPU here. Outside XLA the kernel is faster on CPUs (keras_bn.fused's docstring).
     ops, xla_calls = _training_step_ops(shape, axis)
-    assert "FusedBatchNormV3" not in ops  # no GPU here: the XLA formulation is faster
-    assert (xla_calls == 2) == fusable  # forward and backward, each one compiled cluster
+    assert ("FusedBatchNormV3" in ops) == fusable
+    assert xla_calls == 0
+    # Inside an XLA-compiled step: forward and backward, each one compiled cluster.
+    ops, xla_calls = _training_step_ops(shape, axis, jit_compile=True)
+    assert "FusedBatchNormV3" not in ops
+    assert (xla_calls == 2) == fusable
     assert "OnesLike" not in ops and "Fill" not in ops
 
 
