@@ -123,21 +123,20 @@ def batch_norm_training(
 
 def _kernel_training(x3, gamma, beta, epsilon, layout, renorm=None):
     if renorm is not None:
-        # The corrected gamma/beta depend on this batch's moments: let the kernel normalize
-        # (gamma 1, beta 0), then apply them as one per-channel multiply-add.
-        x_hat, mean, variance = _kernel_training(
-            x3, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
-        )
-        correction = transform.renorm_correction(mean, variance, epsilon, renorm)
-        scale, offset = transform.corrected_params(gamma, beta, correction)
-        x_hat = tf.cast(x_hat, tf.float32)
-        y3 = x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat)
-        return tf.cast(y3, x3.dtype), mean, variance
-    channels = x3.shape[1]
-    # [A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1].
-    x4 = tf.reshape(x3, [-1, 1, 1, channels]) if layout == "NHWC" else x3[..., None]
+        return _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm)
+    y4, mean, variance, _ = _kernel_forward(_as_4d(x3, layout), gamma, beta, epsilon, layout)
+    return tf.reshape(y4, tf.shape(x3)), mean, variance
+
+
+def _as_4d(x3, layout):
+    """[A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1]."""
+    return tf.reshape(x3, [-1, 1, 1, x3.shape[1]]) if layout == "NHWC" else x3[..., None]
+
+
+def _kernel_forward(x4, gamma, beta, epsilon, layout):
+    """FusedBatchNormV3 in training mode: ``(y4, mean, biased variance, reserve spaces)``."""
     empty = tf.zeros([0], tf.float32)
-    y4, mean, corrected, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+    y4, mean, corrected, *reserve = tf.raw_ops.FusedBatchNormV3(
         x=x4,
         scale=gamma,
         offset=beta,
@@ -148,10 +147,47 @@ def _kernel_training(x3, gamma, beta, epsilon, layout, renorm=None):
         data_format=layout,
         is_training=True,
     )
-    count = tf.cast(tf.size(x3) // channels, tf.float32)
+    count = tf.cast(tf.size(x4) // tf.size(mean), tf.float32)
     # The kernel returns n/(n-1) * var (0 for n == 1); give back the biased variance.
     variance = corrected * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
-    return tf.reshape(y4, tf.shape(x3)), mean, variance
+    return y4, mean, variance, reserve
+
+
+def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
+    """Renorm on the kernel: the corrected gamma/beta depend on this batch's moments, so the
+    kernel normalizes (gamma 1, beta 0) and one per-channel multiply-add applies them; the
+    backward is ONE FusedBatchNormGradV3 with gamma * r, as for plain BN."""
+
+    @tf.custom_gradient
+    def training(x3, gamma, beta):
+        x4 = _as_4d(x3, layout)
+        x_hat4, mean, variance, reserve = _kernel_forward(
+            x4, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
+        )
+        correction = transform.renorm_correction(mean, variance, epsilon, renorm)
+        scale, offset = transform.corrected_params(gamma, beta, correction)
+        x_hat = tf.reshape(tf.cast(x_hat4, tf.float32), tf.shape(x3))
+        y3 = tf.cast(x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat), x3.dtype)
+
+        def grad(dy3, d_mean, d_variance):
+            del d_mean, d_variance  # statistics feed only the moving averages
+            dx4, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.reshape(dy3, tf.shape(x4)),
+                x=x4,
+                scale=scale,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                data_format=layout,
+                is_training=True,
+            )
+            d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+            return tf.reshape(dx4, tf.shape(x3)), d_gamma, d_beta
+
+        return (y3, mean, variance), grad
+
+    return training(x3, gamma, beta)
 
 
 # ---- XLA formulation. The Python helpers below are traced into each compiled function.
