@@ -7,10 +7,16 @@ are interleaved within each repetition so machine noise hits all of them alike.
 
     python benchmarks/layer_step.py            # all shapes, ~3 minutes on 2 CPU cores
     python benchmarks/layer_step.py --repeats 50 --shapes 32,28,28,192
+    python benchmarks/layer_step.py --suite renorm ghost --shapes 32,28,28,192 4096,1024
+
+Suites: ``bn`` (plain BN: ours, Keras 3, tf_keras), ``renorm`` (Batch Renormalization: ours
+against Keras 3's ``renorm=True``), ``ghost`` (ghost batches of a quarter of the batch: ours
+against tf_keras's ``virtual_batch_size``).
 
 Prints the median milliseconds per step and the ratio ours/theirs (below 1 = we are faster).
-Targets (2-core CPU): ours <= 0.6x Keras 3 without XLA on the 4-D shapes, <= 1.0x with XLA
-and on the dense shape.
+Targets (2-core CPU): ``bn``: ours <= 0.6x Keras 3 without XLA on the 4-D shapes, <= 1.0x with
+XLA and on the dense shape; ``renorm``: <= 0.6x Keras 3 without XLA, <= 1.0x with XLA;
+``ghost``: <= 1.0x tf_keras.
 """
 
 from __future__ import annotations
@@ -31,14 +37,28 @@ import keras_bn  # noqa: E402
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
 
 
-def _implementations():
-    impls = {"keras_bn": keras_bn.BatchNormalization, "keras3": keras.layers.BatchNormalization}
+def _implementations(suite, batch):
+    """{name: layer factory}; the first is ours, the second the anchor of the ratio."""
     try:
         import tf_keras
-
-        impls["tf_keras"] = lambda: tf_keras.layers.BatchNormalization(fused=None)
     except ImportError:
-        pass
+        tf_keras = None
+    if suite == "renorm":
+        return {
+            "keras_bn": lambda: keras_bn.BatchNormalization(renorm=True),
+            "keras3": lambda: keras.layers.BatchNormalization(renorm=True),
+        }
+    if suite == "ghost":
+        if tf_keras is None:
+            raise SystemExit("the ghost suite needs tf_keras (pip install tf_keras)")
+        size = batch // 4
+        return {
+            "keras_bn": lambda: keras_bn.BatchNormalization(virtual_batch_size=size),
+            "tf_keras": lambda: tf_keras.layers.BatchNormalization(virtual_batch_size=size),
+        }
+    impls = {"keras_bn": keras_bn.BatchNormalization, "keras3": keras.layers.BatchNormalization}
+    if tf_keras is not None:
+        impls["tf_keras"] = lambda: tf_keras.layers.BatchNormalization(fused=None)
     return impls
 
 
@@ -53,12 +73,12 @@ def _make_step(layer, jit):
     return tf.function(step, jit_compile=jit)
 
 
-def bench(shape, jit, repeats, warmup=3):
+def bench(shape, jit, repeats, suite="bn", warmup=3):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(1.0, 2.0, shape).astype(np.float32))
     dy = tf.constant(rng.normal(size=shape).astype(np.float32))
     steps = {}
-    for name, make in _implementations().items():
+    for name, make in _implementations(suite, shape[0]).items():
         layer = make()
         layer.build(shape)
         if name == "tf_keras":
@@ -79,25 +99,31 @@ def bench(shape, jit, repeats, warmup=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES,
-                        help="comma-separated shapes, channels last")
+    parser.add_argument(
+        "--shapes", nargs="*", default=DEFAULT_SHAPES, help="comma-separated shapes, channels last"
+    )
+    parser.add_argument("--suite", nargs="*", default=["bn"], choices=["bn", "renorm", "ghost"])
     args = parser.parse_args(argv)
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPUs, median of {args.repeats} steps")
-    header = f"{'shape':<18}{'xla':<6}" + "".join(
-        f"{n + ' ms':>14}" for n in _implementations()
-    ) + f"{'ours/keras3':>13}" + (f"{'ours/tf_keras':>15}" if "tf_keras" in _implementations()
-                                  else "")
-    print(header)
-    for spec in args.shapes:
-        shape = tuple(int(d) for d in spec.split(","))
-        for jit in (False, True):
-            ms = bench(shape, jit, args.repeats)
-            row = f"{str(shape):<18}{str(jit):<6}" + "".join(f"{v:>14.2f}" for v in ms.values())
-            row += f"{ms['keras_bn'] / ms['keras3']:>13.2f}"
-            if "tf_keras" in ms:
-                row += f"{ms['keras_bn'] / ms['tf_keras']:>15.2f}"
-            print(row, flush=True)
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"{os.cpu_count()} CPUs, median of {args.repeats} steps"
+    )
+    for suite in args.suite:
+        names = list(_implementations(suite, 4))
+        anchors = [n for n in names if n != "keras_bn"]
+        print(
+            f"{'suite':<8}{'shape':<18}{'xla':<6}"
+            + "".join(f"{n + ' ms':>14}" for n in names)
+            + "".join(f"{'ours/' + n:>15}" for n in anchors)
+        )
+        for spec in args.shapes:
+            shape = tuple(int(d) for d in spec.split(","))
+            for jit in (False, True):
+                ms = bench(shape, jit, args.repeats, suite)
+                row = f"{suite:<8}{str(shape):<18}{str(jit):<6}"
+                row += "".join(f"{v:>14.2f}" for v in ms.values())
+                row += "".join(f"{ms['keras_bn'] / ms[n]:>15.2f}" for n in anchors)
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

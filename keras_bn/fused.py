@@ -5,18 +5,27 @@ block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of
 
 - ``"kernel"``: TensorFlow's FusedBatchNormV3 and FusedBatchNormGradV3 (cuDNN on a GPU).
 - ``"xla"``: the same math written as two small XLA-compiled functions (forward; and the
-  paper's closed-form backward) tied together by ``tf.custom_gradient``. On CPUs this is
-  1.5-4x faster than the fused kernel (see ``benchmarks/layer_step.py``), because XLA fuses the
-  reductions and the elementwise passes; it also works inside an outer ``jit_compile``.
+  paper's closed-form backward) tied together by ``tf.custom_gradient``. Inside an outer
+  ``jit_compile`` it fuses with its neighbours; it also implements the cross-replica and the
+  ghost-batch variants, which the kernel cannot.
 
-Both view the input as ``[A, C]`` (channels-last) or ``[A, C, B]`` (channels-first) with
-statistics over every axis but ``C``, so any rank works with one code path.
+Which is faster depends on the machine. Measured on the 2-core CPU of ``docs/benchmarks.md``
+(TF 2.21, interleaved in one process): outside XLA the kernel took 9.2 ms against 14.4 ms for
+the XLA formulation on (32, 28, 28, 192), 14.8 against 22.6 ms on (32, 56, 56, 64), and 8.7
+against 11.9 ms on (4096, 1024); inside an outer ``jit_compile`` neither wins everywhere (12.6 /
+14.4 ms and 22.8 / 20.0 ms). Hence :func:`default_implementation`.
+
+Both compute the one training transform of :mod:`keras_bn.transform` (Batch Renormalization
+included: it only changes gamma and beta per channel). Both view the input as ``[A, C]``
+(channels-last) or ``[A, C, B]`` (channels-first) with statistics over every axis but ``C``, so
+any rank works with one code path.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_bn import transform
 from keras_bn.moments import all_reduce_sum, merge_replica_rows, pack_into_replica_row
 
 # cuDNN's fused kernel refuses epsilon below 1e-5.
@@ -25,7 +34,7 @@ SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
 def fused_layout(feature_axes: list[int], rank: int) -> str | None:
-    """"NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
+    """ "NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
     are a contiguous block right after the batch axis, else None (no fused path)."""
     if feature_axes != list(range(feature_axes[0], feature_axes[-1] + 1)):
         return None
@@ -37,8 +46,21 @@ def fused_layout(feature_axes: list[int], rank: int) -> str | None:
 
 
 def default_implementation() -> str:
-    """The fused kernel where a GPU is visible (cuDNN), the XLA formulation on CPUs."""
-    return "kernel" if tf.config.list_logical_devices("GPU") else "xla"
+    """The fused kernel where a GPU is visible (cuDNN) and on CPUs outside XLA; the XLA
+    formulation when the caller is being compiled by XLA on a CPU (see the module docstring)."""
+    if tf.config.list_logical_devices("GPU"):
+        return "kernel"
+    return "xla" if _inside_xla_compilation() else "kernel"
+
+
+def _inside_xla_compilation() -> bool:
+    """True while tracing inside a ``jit_compile=True`` function (or when TF cannot tell)."""
+    try:
+        # TF has no public test for this; tf-keras uses the same module.
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TF release without it keeps the old default
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def _as_channels_second(x, layout, channels, num_feature_axes):
@@ -55,12 +77,23 @@ def _reduction_axes(x):
 
 
 def _per_channel(v, x):
-    """A length-C vector shaped to broadcast against ``x`` ([A, C] or [A, C, B])."""
-    return v if x.shape.rank == 2 else v[:, None]
+    """A statistic shaped to broadcast against ``x``: length C for ``[A, C]`` or ``[A, C, B]``,
+    ``[G, C]`` for the ghost-batch view ``[v, G, B, C]``."""
+    if x.shape.rank == 2:
+        return v
+    if x.shape.rank == 3:
+        return v[:, None]
+    return v[None, :, None, :]
 
 
-def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_axes,
-                        implementation):
+def _summed_over_ghost_batches(v, x):
+    """gamma/beta gradients: per channel, summed over the ghost batches of the ghost view."""
+    return tf.reduce_sum(v, 0) if x.shape.rank == 4 else v
+
+
+def batch_norm_training(
+    x, gamma, beta, epsilon, layout, channels, num_feature_axes, implementation, renorm=None
+):
     """Alg. 1 on ``x``: returns ``(y, mean, variance)``.
 
     Args:
@@ -71,6 +104,8 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
         channels: product of the feature dimensions.
         num_feature_axes: how many axes the feature block spans.
         implementation: "kernel" or "xla".
+        renorm: optional :class:`keras_bn.transform.Renorm` (length-``channels`` fields):
+            Batch Renormalization's correction of gamma and beta.
 
     Returns:
         ``y`` with the shape and dtype of ``x``; float32 ``mean`` and *biased* ``variance``
@@ -78,18 +113,30 @@ def batch_norm_training(x, gamma, beta, epsilon, layout, channels, num_feature_a
     """
     x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     if implementation == "kernel":
-        y3, mean, variance = _kernel_training(x3, gamma, beta, epsilon, layout)
+        y3, mean, variance = _kernel_training(x3, gamma, beta, epsilon, layout, renorm)
     else:
-        y3, mean, variance = _xla_training(x3, gamma, beta, tf.constant(epsilon, tf.float32))
+        y3, mean, variance = _xla_training(
+            x3, gamma, beta, tf.constant(epsilon, tf.float32), renorm
+        )
     return tf.reshape(y3, tf.shape(x)), mean, variance
 
 
-def _kernel_training(x3, gamma, beta, epsilon, layout):
-    channels = x3.shape[1]
-    # [A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1].
-    x4 = tf.reshape(x3, [-1, 1, 1, channels]) if layout == "NHWC" else x3[..., None]
+def _kernel_training(x3, gamma, beta, epsilon, layout, renorm=None):
+    if renorm is not None:
+        return _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm)
+    y4, mean, variance, _ = _kernel_forward(_as_4d(x3, layout), gamma, beta, epsilon, layout)
+    return tf.reshape(y4, tf.shape(x3)), mean, variance
+
+
+def _as_4d(x3, layout):
+    """[A, C] -> NHWC [A, 1, 1, C] (same memory order); [A, C, B] -> NCHW [A, C, B, 1]."""
+    return tf.reshape(x3, [-1, 1, 1, x3.shape[1]]) if layout == "NHWC" else x3[..., None]
+
+
+def _kernel_forward(x4, gamma, beta, epsilon, layout):
+    """FusedBatchNormV3 in training mode: ``(y4, mean, biased variance, reserve spaces)``."""
     empty = tf.zeros([0], tf.float32)
-    y4, mean, corrected, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+    y4, mean, corrected, *reserve = tf.raw_ops.FusedBatchNormV3(
         x=x4,
         scale=gamma,
         offset=beta,
@@ -100,10 +147,47 @@ def _kernel_training(x3, gamma, beta, epsilon, layout):
         data_format=layout,
         is_training=True,
     )
-    count = tf.cast(tf.size(x3) // channels, tf.float32)
+    count = tf.cast(tf.size(x4) // tf.size(mean), tf.float32)
     # The kernel returns n/(n-1) * var (0 for n == 1); give back the biased variance.
     variance = corrected * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
-    return tf.reshape(y4, tf.shape(x3)), mean, variance
+    return y4, mean, variance, reserve
+
+
+def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
+    """Renorm on the kernel: the corrected gamma/beta depend on this batch's moments, so the
+    kernel normalizes (gamma 1, beta 0) and one per-channel multiply-add applies them; the
+    backward is ONE FusedBatchNormGradV3 with gamma * r, as for plain BN."""
+
+    @tf.custom_gradient
+    def training(x3, gamma, beta):
+        x4 = _as_4d(x3, layout)
+        x_hat4, mean, variance, reserve = _kernel_forward(
+            x4, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
+        )
+        correction = transform.renorm_correction(mean, variance, epsilon, renorm)
+        scale, offset = transform.corrected_params(gamma, beta, correction)
+        x_hat = tf.reshape(tf.cast(x_hat4, tf.float32), tf.shape(x3))
+        y3 = tf.cast(x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat), x3.dtype)
+
+        def grad(dy3, d_mean, d_variance):
+            del d_mean, d_variance  # statistics feed only the moving averages
+            dx4, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.reshape(dy3, tf.shape(x4)),
+                x=x4,
+                scale=scale,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                data_format=layout,
+                is_training=True,
+            )
+            d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+            return tf.reshape(dx4, tf.shape(x3)), d_gamma, d_beta
+
+        return (y3, mean, variance), grad
+
+    return training(x3, gamma, beta)
 
 
 # ---- XLA formulation. The Python helpers below are traced into each compiled function.
@@ -111,8 +195,17 @@ def _kernel_training(x3, gamma, beta, epsilon, layout):
 
 def _affine(x, mean, variance, gamma, beta, epsilon):
     """gamma * (x - mean) / sqrt(variance + epsilon) + beta, for length-C statistics."""
-    multiplier = gamma * tf.math.rsqrt(variance + epsilon)
-    return x * _per_channel(multiplier, x) + _per_channel(beta - mean * multiplier, x)
+    multiplier, offset = transform.scale_and_offset(mean, variance, gamma, beta, epsilon)
+    return x * _per_channel(multiplier, x) + _per_channel(offset, x)
+
+
+def _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm):
+    """The transform with renorm's correction (if any): ``(y, correction)``."""
+    correction = (
+        None if renorm is None else transform.renorm_correction(mean, variance, epsilon, renorm)
+    )
+    gamma, beta = transform.corrected_params(gamma, beta, correction)
+    return _affine(x, mean, variance, gamma, beta, epsilon), correction
 
 
 def _grad_sums(dy, x, mean, variance, epsilon):
@@ -131,40 +224,84 @@ def _input_grad(dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n):
 
 
 def _count(x):
-    return tf.cast(tf.size(x) // tf.shape(x)[1], tf.float32)
+    """Values behind each statistic (per ghost batch in the ghost view)."""
+    statistics = tf.shape(x)[1] * (tf.shape(x)[3] if x.shape.rank == 4 else 1)
+    return tf.cast(tf.size(x) // statistics, tf.float32)
+
+
+def _params_and_input_grads(
+    dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, n, correction
+):
+    """``(dx, dgamma, dbeta)`` of the (possibly renorm-corrected) transform."""
+    scale = transform.corrected_scale(gamma, correction)
+    dx = _input_grad(dy, x_hat, variance, scale, epsilon, sum_dy, sum_dy_x_hat, n)
+    d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+    return dx, d_gamma, d_beta
 
 
 @tf.function(jit_compile=True)
-def _xla_forward(x3, gamma, beta, epsilon):
+def _xla_forward(x3, gamma, beta, epsilon, renorm):
     x = tf.cast(x3, tf.float32)
     axes = _reduction_axes(x)
     mean = tf.reduce_mean(x, axes)
     variance = tf.reduce_mean(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
-    y = _affine(x, mean, variance, gamma, beta, epsilon)
-    return tf.cast(y, x3.dtype), mean, variance
+    y, correction = _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm)
+    return tf.cast(y, x3.dtype), mean, variance, correction
 
 
 @tf.function(jit_compile=True)
-def _xla_backward(dy3, x3, mean, variance, gamma, epsilon):
+def _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
-    d_beta, d_gamma, x_hat = _grad_sums(dy, x, mean, variance, epsilon)
-    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, d_beta, d_gamma, _count(x))
+    sum_dy, sum_dy_x_hat, x_hat = _grad_sums(dy, x, mean, variance, epsilon)
+    dx, d_gamma, d_beta = _params_and_input_grads(
+        dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, _count(x), correction
+    )
+    d_gamma, d_beta = (_summed_over_ghost_batches(v, x) for v in (d_gamma, d_beta))
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
-def _xla_training(x3, gamma, beta, epsilon):
+def _xla_training(x3, gamma, beta, epsilon, renorm=None):
     @tf.custom_gradient
     def training(x3, gamma, beta):
-        y3, mean, variance = _xla_forward(x3, gamma, beta, epsilon)
+        y3, mean, variance, correction = _xla_forward(x3, gamma, beta, epsilon, renorm)
 
         def grad(dy3, d_mean, d_variance):
             # The mean/variance outputs only feed the moving statistics (no gradient).
             del d_mean, d_variance
-            return _xla_backward(dy3, x3, mean, variance, gamma, epsilon)
+            return _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction)
 
         return (y3, mean, variance), grad
 
     return training(x3, gamma, beta)
+
+
+def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_batches):
+    """Ghost batch normalization with the XLA formulation, for feature axes last.
+
+    ``x`` is viewed as ``[v, N / v, B, C]`` (``ghost_batches``, a
+    :class:`keras_bn.moments.GhostBatches`, checks the batch size and groups the examples as
+    tf-keras does); each ghost batch is normalized with its own statistics.
+
+    Returns:
+        ``(y, count, mean, variance)``: ``y`` like ``x``; the values behind each ghost batch's
+        statistics, and the ``[N / v, C]`` means and biased variances.
+    """
+    split = ghost_batches.split(x)
+    ghosts = tf.shape(split)[1]
+    epsilon = tf.constant(epsilon, tf.float32)
+    if x.shape.rank == 2:
+        # One value per example and channel: [v, N/v * C] is the plain [A, C] layout (the
+        # fastest to reduce), with gamma and beta repeated for each ghost batch.
+        x2 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts * channels]))
+        y, mean, variance = _xla_training(
+            x2, tf.tile(gamma, [ghosts]), tf.tile(beta, [ghosts]), epsilon
+        )
+        shape = tf.stack([ghosts, channels])
+        mean, variance = tf.reshape(mean, shape), tf.reshape(variance, shape)
+        return tf.reshape(y, tf.shape(x)), _count(x2), mean, variance
+    x4 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts, -1, channels]))
+    y4, mean, variance = _xla_training(x4, gamma, beta, epsilon)
+    return tf.reshape(y4, tf.shape(x)), _count(x4), mean, variance
 
 
 # ---- Synchronized (cross-replica) variant: the same math around two collectives.
@@ -183,34 +320,40 @@ def _xla_replica_row(x3, replica_id, replicas):
 
 
 @tf.function(jit_compile=True)
-def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon):
+def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon, renorm):
     """The global moments from every replica's row, and the affine map with them."""
     merged = merge_replica_rows(gathered)
-    y = _affine(tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon)
-    return tf.cast(y, x3.dtype), merged.count, merged.mean, merged.variance
+    y, correction = _corrected_affine(
+        tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon, renorm
+    )
+    return tf.cast(y, x3.dtype), merged.count, merged.mean, merged.variance, correction
 
 
 @tf.function(jit_compile=True)
-def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon):
+def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon, correction):
     """This replica's ``[sum dy, sum dy * x_hat]`` as one message, and its dgamma, dbeta."""
-    d_beta, d_gamma, _ = _grad_sums(
+    sum_dy, sum_dy_x_hat, _ = _grad_sums(
         tf.cast(dy3, tf.float32), tf.cast(x3, tf.float32), mean, variance, epsilon
     )
-    return tf.stack([d_beta, d_gamma]), d_gamma, d_beta
+    d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
+    return tf.stack([sum_dy, sum_dy_x_hat]), d_gamma, d_beta
 
 
 @tf.function(jit_compile=True)
-def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n):
+def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n, correction):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
     x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    scale = transform.corrected_scale(gamma, correction)
     # Without a mask every channel has the same global count.
-    dx = _input_grad(dy, x_hat, variance, gamma, epsilon, sums[0], sums[1],
-                     tf.maximum(tf.reduce_max(n), 1.0))
+    dx = _input_grad(
+        dy, x_hat, variance, scale, epsilon, sums[0], sums[1], tf.maximum(tf.reduce_max(n), 1.0)
+    )
     return tf.cast(dx, x3.dtype)
 
 
-def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
-                                     num_feature_axes, replica_context):
+def synchronized_batch_norm_training(
+    x, gamma, beta, epsilon, layout, channels, num_feature_axes, replica_context, renorm=None
+):
     """Alg. 1 over the GLOBAL batch of all replicas: ``(y, count, mean, variance)``.
 
     Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce, then the exact
@@ -219,7 +362,8 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
     of those 2C values, then dx; dgamma/dbeta stay local (the optimizer sums them over
     replicas). The small per-channel steps live inside the compiled passes: on CPUs each
     separate TensorFlow op would cost more than its arithmetic.
-    Arguments are as for :func:`batch_norm_training`; count/mean/variance have length C.
+    Arguments are as for :func:`batch_norm_training` (renorm's r and d come from the global
+    moments); count/mean/variance have length C.
     """
     x3 = _as_channels_second(x, layout, channels, num_feature_axes)
     epsilon = tf.constant(epsilon, tf.float32)
@@ -228,15 +372,19 @@ def synchronized_batch_norm_training(x, gamma, beta, epsilon, layout, channels,
     @tf.custom_gradient
     def training(x3, gamma, beta):
         row = _xla_replica_row(x3, replica_context.replica_id_in_sync_group, replicas)
-        y3, count, mean, variance = _xla_merge_and_apply(
-            x3, all_reduce_sum(replica_context, row), gamma, beta, epsilon
+        y3, count, mean, variance, correction = _xla_merge_and_apply(
+            x3, all_reduce_sum(replica_context, row), gamma, beta, epsilon, renorm
         )
 
         def grad(dy3, d_count, d_mean, d_variance):
             del d_count, d_mean, d_variance  # statistics feed only the moving averages
-            local, d_gamma, d_beta = _xla_local_grad_sums(dy3, x3, mean, variance, epsilon)
+            local, d_gamma, d_beta = _xla_local_grad_sums(
+                dy3, x3, mean, variance, epsilon, correction
+            )
             sums = all_reduce_sum(replica_context, local)
-            dx = _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, count)
+            dx = _xla_synced_input_grad(
+                dy3, x3, mean, variance, gamma, epsilon, sums, count, correction
+            )
             return dx, d_gamma, d_beta
 
         return (y3, count, mean, variance), grad

@@ -8,7 +8,7 @@ from keras import constraints, initializers, regularizers
 
 from keras_bn import fused as fused_lib
 from keras_bn import moments as moments_lib
-from keras_bn import moving_average
+from keras_bn import moving_average, transform
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -35,9 +35,14 @@ class BatchNormalization(keras.layers.Layer):
       and one backward, merged stably and weighted by each replica's real count (under
       MirroredStrategy the exchanges are in-graph sums; see ``keras_bn.moments.all_reduce_sum``).
     - Moving statistics stay identical on every replica of a ``tf.distribute`` strategy.
-    - ``axis`` may be a list of axes; a fused kernel (FusedBatchNormV3) is used whenever the
-      semantics allow (no mask, no cross-replica moments, contiguous feature axes first or
-      last), for any rank.
+    - ``axis`` may be a list of axes; a fused training transform is used whenever the feature
+      axes are a contiguous block first or last and there is no mask and no ghost batches, for
+      any rank, locally, across replicas and with renorm.
+
+    Also from tf-keras: ``virtual_batch_size`` (ghost batch normalization). Batch
+    Renormalization (``renorm``) has Keras 3.15's weights, weight order and config keys, so a
+    Keras layer's config and weights load into this one (with ``unbiased_variance=False`` it
+    gives the same outputs).
 
     Args:
         axis: Integer or list of integers, the feature axis/axes (``-1`` for channels_last,
@@ -61,26 +66,60 @@ class BatchNormalization(keras.layers.Layer):
             update.
         moving_variance_constraint: Optional constraint applied to the moving variance after
             each update.
+        renorm: If True, Batch Renormalization (Ioffe, 2017): in training the normalized
+            values become ``x_hat * r + d`` with ``r = clip(sigma_B / sigma)`` and
+            ``d = clip((mu_B - mu) / sigma)``, where ``sigma_B = sqrt(batch variance +
+            epsilon)`` and ``mu``, ``sigma`` are the ``renorm_mean`` / ``renorm_stddev`` moving
+            averages (``sigma`` floored at ``sqrt(epsilon)``). ``r`` and ``d`` carry no gradient.
+            Adds the weights ``moving_stddev``, ``renorm_mean``, ``renorm_stddev`` (Keras's names
+            and order). ``moving_stddev`` moves toward ``sqrt(population variance + epsilon)``
+            (``n/(n-1)``-corrected when ``unbiased_variance``) and
+            ``moving_variance = max(moving_stddev**2 - epsilon, 0)``; inference is unchanged.
+            With ``synchronized=True``, ``r`` and ``d`` come from the global batch.
+        renorm_clipping: Dict with optional keys ``"rmin"``, ``"rmax"``, ``"dmax"`` (defaults
+            ``0``, ``inf``, ``inf``): ``r`` is clipped to ``[rmin, rmax]``, ``d`` to
+            ``[-dmax, dmax]``. Only used with ``renorm=True``.
+        renorm_momentum: Weight of the old value of ``renorm_mean`` / ``renorm_stddev``, in
+            ``[0, 1)``. Defaults to ``0.99``. Only used with ``renorm=True``; ``momentum`` (or
+            ``None``) still drives the inference statistics.
         synchronized: If True, batch statistics are computed over all replicas of the current
             ``tf.distribute`` strategy (any strategy: Mirrored, MultiWorkerMirrored, TPU). In a
             cross-replica context or with no strategy the layer behaves as the local one.
         unbiased_variance: If True (default, as the paper), the moving variance is updated with
             ``n/(n-1)`` times the batch variance.
         fused: How the training transform is computed when the feature axes are a contiguous
-            block first or last and there is no mask and no cross-replica moments. ``None``
-            (default): TensorFlow's FusedBatchNormV3 kernel when a GPU is visible, an
-            XLA-compiled fused formulation on CPUs (faster there). ``True``: always
-            FusedBatchNormV3 (needs ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops.
+            block first or last and there is no mask. ``None`` (default): TensorFlow's
+            FusedBatchNormV3 kernel when a GPU is visible, an XLA-compiled fused formulation on
+            CPUs (faster there). ``True``: always FusedBatchNormV3 (needs
+            ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops. Across replicas, and for
+            ghost batches (feature axes last), the fused path is always the XLA formulation.
             All give the same results to float rounding.
+        virtual_batch_size: Optional positive int: ghost batch normalization (Hoffer et al.,
+            2017). In training each ghost batch of ``virtual_batch_size`` examples is
+            normalized with its own statistics, grouped as tf-keras groups them: a batch of
+            ``N`` examples is viewed as ``[virtual_batch_size, N / virtual_batch_size, ...]``,
+            so ghost batch ``j`` holds examples ``j, j + N/v, j + 2N/v, ...``. The moving
+            statistics move toward the average of the ghost batches' means and variances
+            (each variance ``n/(n-1)``-corrected on the ghost batch's count when
+            ``unbiased_variance``), once per step, as tf-keras does. The batch size must be a
+            multiple of it in training (ValueError naming both; an InvalidArgumentError for a
+            batch size known only at run time); inference uses the moving statistics for a
+            batch of any size. It cannot be combined with ``synchronized=True`` (ghost batches
+            are subsets of one replica's batch: each replica normalizes its own ghost batches,
+            and the moving statistics still agree across replicas) nor with ``renorm=True``.
+            Feature axes may not include axis 0.
         **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
 
     Call arguments:
-        inputs: Floating-point input tensor of any rank.
+        inputs: Input tensor of any rank. Integer and boolean inputs are cast to float32, as
+            Keras casts them.
         training: Python boolean or None. True normalizes with batch statistics and updates
             the moving statistics; False uses the moving statistics.
-        mask: Optional boolean tensor with the rank of ``inputs``, or that rank without the
-            feature axes (e.g. ``(batch, time)`` for ``(batch, time, C)``). Masked-out entries
-            are excluded from the statistics and from ``n``; every entry is normalized.
+        mask: Optional boolean tensor broadcastable to ``inputs``, or of rank
+            ``rank(inputs) - 1``: then, as in Keras (what ``Masking`` and ``Embedding``
+            produce), it is ``inputs.shape[:-1]`` and is expanded on the last axis, whatever
+            ``axis`` is. Masked-out entries are excluded from the statistics and from ``n``;
+            every entry is normalized.
 
     Setting ``layer.trainable = False`` freezes the layer *and* runs it in inference mode,
     as in Keras (useful for fine-tuning); it does not update the moving statistics.
@@ -97,8 +136,14 @@ class BatchNormalization(keras.layers.Layer):
     >>> bool(abs(float(keras.ops.mean(y))) < 1e-5)
     True
 
+    Loading weights written by ``keras.layers.BatchNormalization`` into a layer with
+    ``momentum=None`` (which has one more variable, ``moving_count``, always last): the loaded
+    statistics count as one batch seen (``moving_count = 1``); see ``load_own_variables``.
+
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+        - [Ioffe, 2017: Batch Renormalization](https://arxiv.org/abs/1702.03275).
+        - [Hoffer et al., 2017: ghost batch normalization](https://arxiv.org/abs/1705.08741).
     """
 
     def __init__(
@@ -118,9 +163,13 @@ class BatchNormalization(keras.layers.Layer):
         gamma_constraint=None,
         moving_mean_constraint=None,
         moving_variance_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
         synchronized=False,
         unbiased_variance=True,
         fused=None,
+        virtual_batch_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -159,12 +208,28 @@ class BatchNormalization(keras.layers.Layer):
                 f"{fused_lib.KERNEL_MIN_EPSILON}; got epsilon={epsilon}. Use fused=None."
             )
         self.fused = fused
+        self.renorm = bool(renorm)
+        self.renorm_clipping, self._clipping = _validate_renorm_clipping(
+            self.renorm, renorm_clipping
+        )
+        self.renorm_momentum = float(renorm_momentum)
+        if self.renorm and not 0.0 <= self.renorm_momentum < 1.0:
+            raise ValueError(
+                f"renorm_momentum must be in [0, 1) (the weight of the old value of renorm_mean "
+                f"and renorm_stddev); got renorm_momentum={renorm_momentum}."
+            )
+        self.virtual_batch_size = _validate_virtual_batch_size(
+            virtual_batch_size, self.synchronized, self.renorm
+        )
         self.supports_masking = True
 
         self.gamma = None
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
         self.moving_count = None
         # Set by keras_bn.population while it measures population statistics (Alg. 2): called
         # with (mean, biased variance, count) of each training batch instead of updating the
@@ -178,6 +243,11 @@ class BatchNormalization(keras.layers.Layer):
     def build(self, input_shape):
         rank = len(input_shape)
         self._feature_axes = _normalize_axes(self.axis, rank)
+        if self.virtual_batch_size is not None and 0 in self._feature_axes:
+            raise ValueError(
+                f"virtual_batch_size splits the batch axis 0 into ghost batches, so axis 0 "
+                f"cannot be a feature axis; got axis={self.axis}."
+            )
         self._build_rank = rank
         param_shape = []
         for a in self._feature_axes:
@@ -220,7 +290,20 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_variance = self._add_statistic(
             "moving_variance", self.moving_variance_initializer, self.moving_variance_constraint
         )
+        if self.renorm:
+            # Keras 3's weights, in its order: the inference stddev, and the renorm averages
+            # (mu, sigma of the renorm paper) used in training. Stddevs start at the square
+            # root of the moving variance initializer.
+            def stddev_initializer(shape, dtype=None):
+                return tf.sqrt(_clone(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = self._add_statistic("moving_stddev", stddev_initializer, None)
+            self.renorm_mean = self._add_statistic(
+                "renorm_mean", _clone(self.moving_mean_initializer), None
+            )
+            self.renorm_stddev = self._add_statistic("renorm_stddev", stddev_initializer, None)
         if self.momentum is None:
+            # Last, so the first variables are Keras's (see load_own_variables).
             self.moving_count = self._add_statistic("moving_count", initializers.Zeros(), None)
 
     def _add_statistic(self, name, initializer, constraint):
@@ -256,7 +339,7 @@ class BatchNormalization(keras.layers.Layer):
     # ------------------------------------------------------------------------------ calling
 
     def call(self, inputs, training=None, mask=None):
-        self._check_inputs(inputs)
+        inputs = self._checked_inputs(inputs)
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
             self._record_batch_statistics(batch)
@@ -264,12 +347,11 @@ class BatchNormalization(keras.layers.Layer):
             outputs = self._normalize_with_moving_statistics(inputs)
         return tf.cast(outputs, self.compute_dtype)
 
-    def _check_inputs(self, inputs):
+    def _checked_inputs(self, inputs):
+        """The inputs, checked against the built shape; integers and booleans are cast to
+        float as Keras casts them (``result_type(dtype, "float32")``, i.e. float32)."""
         if not inputs.dtype.is_floating:
-            raise ValueError(
-                f"Layer {self.name!r} expects floating-point inputs; got dtype "
-                f"{inputs.dtype.name}. Cast the inputs to a float type first."
-            )
+            inputs = tf.cast(inputs, keras.backend.result_type(inputs.dtype.name, "float32"))
         rank = inputs.shape.rank
         if rank != self._build_rank:
             raise ValueError(
@@ -277,27 +359,34 @@ class BatchNormalization(keras.layers.Layer):
                 f"(axis={self.axis}) but was called on inputs of rank {rank} "
                 f"(shape {inputs.shape}). Use a separate layer for each input rank."
             )
+        got = tuple(inputs.shape[a] for a in self._feature_axes)
+        if any(g is not None and g != p for g, p in zip(got, self._param_shape)):
+            raise ValueError(
+                f"Layer {self.name!r} was built for {self._param_shape} features on axis "
+                f"{self.axis} but was called on inputs with {got} (shape {inputs.shape}). "
+                "Use a separate layer for each feature size."
+            )
+        return inputs
 
-    def _params(self, dtype):
-        """gamma and beta in the broadcast layout (ones / zeros when disabled)."""
-        shape = self._broadcast_shape
+    def _params(self, dtype, shape):
+        """gamma and beta in the layout ``shape`` (ones / zeros when disabled)."""
         gamma = (
-            tf.reshape(tf.cast(self.gamma, dtype), shape)
-            if self.scale
-            else tf.ones(shape, dtype)
+            tf.reshape(tf.cast(self.gamma, dtype), shape) if self.scale else tf.ones(shape, dtype)
         )
         beta = (
-            tf.reshape(tf.cast(self.beta, dtype), shape)
-            if self.center
-            else tf.zeros(shape, dtype)
+            tf.reshape(tf.cast(self.beta, dtype), shape) if self.center else tf.zeros(shape, dtype)
         )
         return gamma, beta
 
-    def _affine(self, x, mean, variance):
-        """gamma * (x - mean) / sqrt(variance + epsilon) + beta as one multiply-add."""
-        gamma, beta = self._params(x.dtype)
-        multiplier = gamma * tf.math.rsqrt(variance + tf.constant(self.epsilon, x.dtype))
-        return x * multiplier + (beta - mean * multiplier)
+    def _renorm_state(self, shape):
+        """Batch Renormalization's state for this batch (read before the update), or None."""
+        if not self.renorm:
+            return None
+        return transform.Renorm(
+            tf.reshape(tf.convert_to_tensor(self.renorm_mean), shape),
+            tf.reshape(tf.convert_to_tensor(self.renorm_stddev), shape),
+            tf.constant(self._clipping, self._statistics_dtype),
+        )
 
     def _to_statistics_dtype(self, inputs):
         return tf.cast(inputs, self._statistics_dtype)
@@ -305,37 +394,63 @@ class BatchNormalization(keras.layers.Layer):
     def _normalize_with_moving_statistics(self, inputs):
         x = self._to_statistics_dtype(inputs)
         shape = self._broadcast_shape
-        mean = tf.reshape(tf.convert_to_tensor(self.moving_mean), shape)
-        variance = tf.reshape(tf.convert_to_tensor(self.moving_variance), shape)
-        return self._affine(x, mean, variance)
+        gamma, beta = self._params(x.dtype, shape)
+        multiplier, offset = transform.scale_and_offset(
+            tf.reshape(tf.convert_to_tensor(self.moving_mean), shape),
+            tf.reshape(tf.convert_to_tensor(self.moving_variance), shape),
+            gamma,
+            beta,
+            tf.constant(self.epsilon, x.dtype),
+        )
+        return x * multiplier + offset
 
     def _normalize_with_batch_statistics(self, inputs, mask):
-        """Alg. 1. Returns the outputs and the batch :class:`Moments` (global when synced)."""
+        """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and the
+        batch :class:`Moments` the moving statistics move toward (global when synced)."""
         replicas = moments_lib.multi_replica_context()
-        if self.synchronized and replicas is not None:
-            if mask is None and self._can_fuse(inputs):
-                return self._fused_training(inputs, replicas)
-            x = self._to_statistics_dtype(inputs)
-            mask = None if mask is None else moments_lib.broadcast_mask(
-                mask, x, self._feature_axes
-            )
-            batch = moments_lib.cross_replica_moments(x, self._reduction_axes, replicas, mask)
-            return self._affine(x, batch.mean, batch.variance), batch
-
-        if mask is None and self._can_fuse(inputs):
-            outputs, batch = self._fused_training(inputs)
+        synced = replicas if self.synchronized else None
+        fusable = self._can_fuse(inputs) and (
+            self.virtual_batch_size is None or self._fused_layout == "NHWC"
+        )
+        if mask is None and fusable:
+            outputs, batch = self._fused_training(inputs, synced)
         else:
-            x = self._to_statistics_dtype(inputs)
-            mask = None if mask is None else moments_lib.broadcast_mask(
-                mask, x, self._feature_axes
-            )
-            batch = moments_lib.local_moments(x, self._reduction_axes, mask)
-            outputs = self._affine(x, batch.mean, batch.variance)
-        if replicas is not None and self._statistics_observer is None:
+            outputs, batch = self._training_transform(inputs, mask, synced)
+        if replicas is not None and synced is None and self._statistics_observer is None:
             # Local normalization, but every replica's moving statistics receive the same
             # global-batch update, so the replicas' copies never drift apart. (An observer
             # measuring Alg. 2 wants the batches the layer actually normalized with.)
             batch = moments_lib.aggregate_across_replicas(replicas, batch)
+        return outputs, batch
+
+    def _training_transform(self, inputs, mask, replicas):
+        """The training transform with plain TensorFlow ops (differentiated by autodiff): for
+        masks, ghost batches, float64, and feature axes the fused paths do not handle."""
+        x = self._to_statistics_dtype(inputs)
+        axes, shape = self._reduction_axes, self._broadcast_shape
+        if mask is not None:
+            mask = moments_lib.broadcast_mask(mask, x, self._feature_axes)
+        ghosts = None
+        if self.virtual_batch_size is not None:
+            ghosts = moments_lib.GhostBatches(self.virtual_batch_size)
+            x = ghosts.split(x)
+            mask = None if mask is None else ghosts.split(mask)
+            axes, shape = ghosts.reduction_axes(axes), ghosts.broadcast_shape(shape)
+        batch = moments_lib.batch_moments(x, axes, mask, replicas)
+        epsilon = tf.constant(self.epsilon, x.dtype)
+        renorm = self._renorm_state(shape)
+        correction = (
+            None
+            if renorm is None
+            else transform.renorm_correction(batch.mean, batch.variance, epsilon, renorm)
+        )
+        gamma, beta = transform.corrected_params(*self._params(x.dtype, shape), correction)
+        multiplier, offset = transform.scale_and_offset(
+            batch.mean, batch.variance, gamma, beta, epsilon
+        )
+        outputs = x * multiplier + offset
+        if ghosts is not None:
+            return ghosts.merge(outputs, inputs), ghosts.averaged(batch)
         return outputs, batch
 
     def _can_fuse(self, inputs):
@@ -347,8 +462,8 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def _fused_training(self, inputs, replicas=None):
-        """Alg. 1 as one fused computation (keras_bn.fused), for any rank; over the global
-        batch when ``replicas`` (a replica context) is given."""
+        """The training transform as one fused computation (keras_bn.fused), for any rank;
+        over the global batch when ``replicas`` (a replica context) is given."""
         channels = 1
         for d in self._param_shape:
             channels *= d
@@ -363,14 +478,25 @@ class BatchNormalization(keras.layers.Layer):
             channels,
             len(self._feature_axes),
         )
+        renorm = self._renorm_state([channels])
+        if self.virtual_batch_size is not None:
+            # Always the XLA formulation: FusedBatchNormV3 has no ghost batches.
+            ghosts = moments_lib.GhostBatches(self.virtual_batch_size)
+            outputs, count, mean, variance = fused_lib.ghost_batch_norm_training(
+                *args[:4], channels, ghosts
+            )
+            batch = ghosts.averaged(moments_lib.Moments(count, mean[None], variance[None]))
+            return outputs, moments_lib.Moments(
+                *(tf.reshape(v, self._broadcast_shape) for v in batch)
+            )
         if replicas is not None:
             outputs, count, mean, variance = fused_lib.synchronized_batch_norm_training(
-                *args, replicas
+                *args, replicas, renorm
             )
             count = tf.reshape(count, self._broadcast_shape)
         else:
             outputs, mean, variance = fused_lib.batch_norm_training(
-                *args, self._fused_implementation()
+                *args, self._fused_implementation(), renorm
             )
             count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
         batch = moments_lib.Moments(
@@ -415,9 +541,28 @@ class BatchNormalization(keras.layers.Layer):
             weight = tf.constant(1.0 - self.momentum, mean.dtype)
         old_mean = tf.convert_to_tensor(self.moving_mean)
         old_variance = tf.convert_to_tensor(self.moving_variance)
-        new_mean, new_variance, usable = moving_average.moved_toward_batch(
-            old_mean, old_variance, mean, variance, count, weight, self.unbiased_variance
-        )
+        if self.renorm:
+            moved = moving_average.renorm_moved_toward_batch(
+                old_mean,
+                tf.convert_to_tensor(self.moving_stddev),
+                tf.convert_to_tensor(self.renorm_mean),
+                tf.convert_to_tensor(self.renorm_stddev),
+                mean,
+                variance,
+                count,
+                weight,
+                tf.constant(1.0 - self.renorm_momentum, mean.dtype),
+                self.unbiased_variance,
+                tf.constant(self.epsilon, mean.dtype),
+            )
+            new_mean, new_stddev, new_variance, new_renorm_mean, new_renorm_stddev, usable = moved
+            self.moving_stddev.assign(new_stddev)
+            self.renorm_mean.assign(new_renorm_mean)
+            self.renorm_stddev.assign(new_renorm_stddev)
+        else:
+            new_mean, new_variance, usable = moving_average.moved_toward_batch(
+                old_mean, old_variance, mean, variance, count, weight, self.unbiased_variance
+            )
         if self.momentum is None:
             self.moving_count.assign(tf.where(usable, seen + 1.0, seen))
         for variable, old, new in (
@@ -427,6 +572,35 @@ class BatchNormalization(keras.layers.Layer):
             if variable.constraint is not None:
                 new = tf.where(usable, variable.constraint(new), old)
             variable.assign(new)
+
+    # ------------------------------------------------------------- weights from Keras's layer
+
+    def load_own_variables(self, store):
+        """Loads weights saved by this layer, or by ``keras.layers.BatchNormalization``.
+
+        Keras's layer has no ``moving_count``: loaded into a layer with ``momentum=None`` its
+        moving statistics count as ONE batch seen (``moving_count = 1``), so the cumulative
+        average continues from them and the next training batch gets weight 1/2. Assign
+        ``layer.moving_count`` to weigh them as more batches.
+        """
+        if self.moving_count is not None and len(store.keys()) == len(self.variables) - 1:
+            for i, variable in enumerate(self._keras_variables()):
+                variable.assign(store[str(i)])
+            self.moving_count.assign(tf.ones_like(self.moving_count))
+            return
+        super().load_own_variables(store)
+
+    def set_weights(self, weights):
+        """As ``keras.layers.Layer.set_weights``; also takes the weights of Keras's layer
+        (without ``moving_count``, which then starts at 1: see :meth:`load_own_variables`)."""
+        if self.moving_count is not None and len(weights) == len(self.weights) - 1:
+            weights = list(weights) + [tf.ones_like(self.moving_count)]
+        super().set_weights(weights)
+
+    def _keras_variables(self):
+        """The variables in saving order, without ``moving_count`` (always last)."""
+        variables = list(self._trainable_variables) + list(self._non_trainable_variables)
+        return [v for v in variables if v is not self.moving_count]
 
     # ------------------------------------------------------------------------ serialization
 
@@ -453,12 +627,73 @@ class BatchNormalization(keras.layers.Layer):
                 "moving_variance_constraint": constraints.serialize(
                     self.moving_variance_constraint
                 ),
+                "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping,
+                "renorm_momentum": self.renorm_momentum,
                 "synchronized": self.synchronized,
                 "unbiased_variance": self.unbiased_variance,
                 "fused": self.fused,
+                "virtual_batch_size": self.virtual_batch_size,
             }
         )
         return config
+
+
+def _validate_renorm_clipping(renorm, clipping):
+    """``(config value, (rmin, rmax, dmax))`` with Keras's checks and messages."""
+    if not renorm:
+        return clipping, (0.0, float("inf"), float("inf"))
+    clipping = dict(clipping or {})
+    keys = ["rmax", "rmin", "dmax"]
+    if set(clipping) - set(keys):
+        raise ValueError(
+            f"Received invalid keys for `renorm_clipping` argument: {clipping}. "
+            f"Supported values: {keys}."
+        )
+    rmax, rmin, dmax = (clipping.get(k) for k in keys)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            f"rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
+        )
+    bounds = (
+        0.0 if rmin is None else float(rmin),
+        float("inf") if rmax is None else float(rmax),
+        float("inf") if dmax is None else float(dmax),
+    )
+    return clipping, bounds
+
+
+def _validate_virtual_batch_size(size, synchronized, renorm):
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            f"virtual_batch_size must be a positive integer (the examples in each ghost batch) "
+            f"or None; got virtual_batch_size={size!r}."
+        )
+    if synchronized:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with synchronized=True: ghost batches are "
+            "subsets of one replica's batch, so there is nothing to synchronize. Use "
+            "synchronized=False (the moving statistics still agree across replicas)."
+        )
+    if renorm:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with renorm=True in keras_bn (tf-keras "
+            "corrects every ghost batch with the averaged statistics, which is not Batch "
+            "Renormalization's Alg. 1). Use one of them."
+        )
+    return size
+
+
+def _clone(initializer):
+    """A fresh copy of ``initializer`` (a seeded one would otherwise repeat its values)."""
+    return initializers.get(initializers.serialize(initializer))
 
 
 def _validate_axis(axis):
@@ -467,8 +702,10 @@ def _validate_axis(axis):
         raise ValueError(f"axis must be an int or a list of ints; got axis={axis!r}.")
     if isinstance(axis, int):
         return axis
-    if isinstance(axis, (list, tuple)) and axis and all(
-        isinstance(a, int) and not isinstance(a, bool) for a in axis
+    if (
+        isinstance(axis, (list, tuple))
+        and axis
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in axis)
     ):
         axis = [int(a) for a in axis]
         if len(set(axis)) != len(axis):

@@ -1,6 +1,9 @@
-"""Batch moments for Batch Normalization: local, masked, and across replicas.
+"""Batch moments for Batch Normalization: local, masked, across replicas, and ghost batches.
 
-Small pure functions shared by the layer and by the population-statistics pass. Every function
+The layer's statistics come from one interface, :func:`batch_moments` (local or cross-replica,
+with or without a mask); ghost batches (:class:`GhostBatches`) are a view of the input that
+gives each ghost batch its own statistics through the same interface. Small pure functions
+shared by the layer and by the population-statistics pass. Every function
 returns :class:`Moments` in the *keepdims* layout (size 1 on the reduction axes), so the results
 broadcast against the input. Counts come from shapes (or from the mask), never from a tensor of
 ones the size of the input.
@@ -62,21 +65,101 @@ def values_per_statistic(x: tf.Tensor, axes: list[int], dtype=tf.float32) -> tf.
 def broadcast_mask(mask: tf.Tensor, x: tf.Tensor, feature_axes: list[int]) -> tf.Tensor:
     """Boolean mask broadcast to the shape of ``x``.
 
-    ``mask`` either has the rank of ``x`` (broadcastable to it), or lacks the feature axes
-    (the Keras convention for sequence masks, e.g. ``(batch, time)`` for ``(batch, time, C)``).
+    ``mask`` either has the rank of ``x`` (broadcastable to it), or one axis fewer: Keras's
+    convention (what ``Masking`` and ``Embedding`` produce), ``inputs.shape[:-1]`` expanded on
+    the LAST axis whatever the feature axis is. With several feature axes, a mask that lacks
+    exactly those axes is also accepted (expanded on each of them).
     """
     mask = tf.cast(mask, tf.bool)
     rank = x.shape.rank
-    if mask.shape.rank == rank - len(feature_axes):
+    if mask.shape.rank == rank - 1:
+        mask = tf.expand_dims(mask, -1)
+    elif len(feature_axes) > 1 and mask.shape.rank == rank - len(feature_axes):
         for a in sorted(feature_axes):
             mask = tf.expand_dims(mask, a)
     elif mask.shape.rank != rank:
         raise ValueError(
-            f"mask must have the rank of the inputs ({rank}) or that rank without the feature "
-            f"axes ({rank - len(feature_axes)}); got mask of shape {mask.shape} for inputs of "
-            f"shape {x.shape}."
+            f"mask must have the rank of the inputs ({rank}) or one less (Keras's convention: "
+            f"inputs.shape[:-1]); got mask of shape {mask.shape} for inputs of shape {x.shape}."
         )
-    return tf.broadcast_to(mask, tf.shape(x))
+    try:
+        return tf.broadcast_to(mask, tf.shape(x))
+    except (tf.errors.InvalidArgumentError, ValueError) as error:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to the inputs' shape {x.shape} "
+            "(a mask of rank(inputs) - 1 must be inputs.shape[:-1], as in Keras)."
+        ) from error
+
+
+def batch_moments(
+    x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None, replica_context=None
+) -> Moments:
+    """The batch statistics Alg. 1 normalizes with, differentiable in ``x``.
+
+    The one statistics source of the layer's generic path: this device's batch, or the global
+    batch of every replica when ``replica_context`` is given (:func:`cross_replica_moments`);
+    ``mask`` (of ``x``'s shape) excludes entries from the statistics and the count.
+    """
+    if replica_context is not None:
+        return cross_replica_moments(x, axes, replica_context, mask)
+    return local_moments(x, axes, mask)
+
+
+class GhostBatches:
+    """Ghost batch normalization's view of a batch (Hoffer et al., 2017), grouped as tf-keras.
+
+    tf-keras reshapes a batch of N examples to ``[virtual_batch_size, N / virtual_batch_size,
+    ...]`` and takes statistics over the first axis, so ghost batch ``j`` holds examples
+    ``j, j + N/v, j + 2N/v, ...`` (``v`` examples each, ``N/v`` ghost batches). The moving
+    statistics move toward the plain average of the ghost batches' means and variances.
+
+    Args:
+        size: ``virtual_batch_size``, the number of examples in each ghost batch.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def split(self, x: tf.Tensor) -> tf.Tensor:
+        """``x`` of shape ``[N, ...]`` as ``[size, N / size, ...]``; N must be a multiple."""
+        batch = x.shape[0]
+        message = (
+            f"virtual_batch_size={self.size} must divide the batch size in training; "
+            f"got a batch of {batch if batch is not None else 'dynamic size'} examples"
+        )
+        if batch is not None and batch % self.size:
+            raise ValueError(f"{message}. Use a batch size that is a multiple of {self.size}.")
+        checks = []
+        if batch is None:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.math.floormod(tf.shape(x)[0], self.size), 0, message=message
+                )
+            )
+        with tf.control_dependencies(checks):
+            return tf.reshape(x, tf.concat([[self.size, -1], tf.shape(x)[1:]], 0))
+
+    @staticmethod
+    def merge(y: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+        """Undoes :meth:`split`: ``y`` back in the shape of ``like``."""
+        return tf.reshape(y, tf.shape(like))
+
+    @staticmethod
+    def reduction_axes(axes: list[int]) -> list[int]:
+        """Statistics axes in the split view: the ghost axis 0 and the non-batch ``axes``."""
+        return [0] + [a + 1 for a in axes if a != 0]
+
+    @staticmethod
+    def broadcast_shape(shape: list) -> list:
+        """A keepdims shape of the input, in the split view."""
+        return [1] + list(shape)
+
+    @staticmethod
+    def averaged(moments: Moments) -> Moments:
+        """The moments the moving statistics move toward: the average over ghost batches
+        (as tf-keras), back in the keepdims layout of the unsplit input."""
+        count = tf.broadcast_to(moments.count, tf.shape(moments.mean))
+        return Moments(*(tf.reduce_mean(v, 1) for v in (count, moments.mean, moments.variance)))
 
 
 def local_moments(x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None) -> Moments:
@@ -205,6 +288,7 @@ def cross_replica_moments(
         replica_context: the current ``tf.distribute.ReplicaContext``.
         mask: optional boolean mask of ``x``'s shape.
     """
+
     @tf.custom_gradient
     def _moments(x):
         count, mean, m2 = _local_sums(x, axes, mask)

@@ -36,14 +36,69 @@ def moved_toward_batch(moving_mean, moving_variance, mean, variance, count, weig
         >>> new_mean.numpy(), new_var.numpy(), usable.numpy()
         (array([0.5, 0. ], dtype=float32), array([3., 1.], dtype=float32), array([ True, False]))
     """
-    usable = (count > 1.0) & tf.math.is_finite(mean) & tf.math.is_finite(variance)
-    if unbiased:
-        variance = variance * count / tf.maximum(count - 1.0, 1.0)
+    usable = _usable(mean, variance, count)
+    variance = _population_variance(variance, count, unbiased)
     weight = tf.cast(weight, mean.dtype)
-    new_mean = moving_mean + weight * (tf.where(usable, mean, 0.0) - moving_mean)
-    new_variance = moving_variance + weight * (tf.where(usable, variance, 0.0) - moving_variance)
     return (
-        tf.where(usable, new_mean, moving_mean),
-        tf.where(usable, new_variance, moving_variance),
+        _moved(moving_mean, mean, weight, usable),
+        _moved(moving_variance, variance, weight, usable),
         usable,
     )
+
+
+@tf.function(jit_compile=True)
+def renorm_moved_toward_batch(
+    moving_mean,
+    moving_stddev,
+    renorm_mean,
+    renorm_stddev,
+    mean,
+    variance,
+    count,
+    weight,
+    renorm_weight,
+    unbiased,
+    epsilon,
+):
+    """Batch Renormalization's moving statistics after one batch.
+
+    The renorm averages (``mu``, ``sigma`` of the renorm paper, Keras's ``renorm_mean`` /
+    ``renorm_stddev``) move with ``renorm_weight`` toward the batch mean and
+    ``sqrt(variance + epsilon)`` (biased: they define the training transform, as in Keras).
+    The inference statistics move with ``weight``: ``moving_mean`` toward the mean,
+    ``moving_stddev`` toward ``sqrt(population variance + epsilon)`` (``n/(n-1)`` corrected
+    when ``unbiased``), and ``moving_variance = max(moving_stddev**2 - epsilon, 0)`` (as Keras).
+    Unusable channels (see :func:`moved_toward_batch`) keep every value.
+
+    Returns:
+        ``(moving_mean, moving_stddev, moving_variance, renorm_mean, renorm_stddev, usable)``.
+    """
+    usable = _usable(mean, variance, count)
+    epsilon = tf.cast(epsilon, mean.dtype)
+    weight = tf.cast(weight, mean.dtype)
+    renorm_weight = tf.cast(renorm_weight, mean.dtype)
+    population = _population_variance(variance, count, unbiased)
+    new_stddev = _moved(moving_stddev, tf.sqrt(population + epsilon), weight, usable)
+    return (
+        _moved(moving_mean, mean, weight, usable),
+        new_stddev,
+        tf.nn.relu(tf.square(new_stddev) - epsilon),
+        _moved(renorm_mean, mean, renorm_weight, usable),
+        _moved(renorm_stddev, tf.sqrt(variance + epsilon), renorm_weight, usable),
+        usable,
+    )
+
+
+def _usable(mean, variance, count):
+    """Channels whose batch gave more than one value and finite statistics."""
+    return (count > 1.0) & tf.math.is_finite(mean) & tf.math.is_finite(variance)
+
+
+def _population_variance(variance, count, unbiased):
+    return variance * count / tf.maximum(count - 1.0, 1.0) if unbiased else variance
+
+
+def _moved(old, batch, weight, usable):
+    """``old + weight * (batch - old)`` on usable channels; the others keep ``old`` exactly."""
+    new = old + weight * (tf.where(usable, batch, 0.0) - old)
+    return tf.where(usable, new, old)

@@ -58,3 +58,42 @@ def moving_after(batches, axes, momentum, init_mean=0.0, init_var=1.0, unbiased=
         mean_state = mean_state + w * (mean - mean_state)
         var_state = var_state + w * (var - var_state)
     return np.squeeze(mean_state), np.squeeze(var_state)
+
+
+def renorm_correction(x, axes, epsilon, mu, sigma, rmin=0.0, rmax=np.inf, dmax=np.inf, mask=None):
+    """Batch Renormalization (Ioffe 2017, Alg. 1): r = clip(sigma_B / sigma), d = clip((mu_B -
+    mu) / sigma) with sigma_B = sqrt(var_B + eps), sigma floored at sqrt(eps) as Keras does."""
+    _, mean, var = moments(x, axes, mask)
+    sigma = np.maximum(sigma, np.sqrt(epsilon))
+    r = np.clip(np.sqrt(var + epsilon) / sigma, rmin, rmax)
+    d = np.clip((mean - mu) / sigma, -dmax, dmax)
+    return r, d
+
+
+def renorm_forward(x, axes, gamma, beta, epsilon, r, d, mask=None):
+    """y = gamma * (x_hat * r + d) + beta, x_hat normalized with the batch statistics."""
+    _, mean, var = moments(x, axes, mask)
+    x_hat = (np.asarray(x, np.float64) - mean) / np.sqrt(var + epsilon)
+    return gamma * (x_hat * r + d) + beta
+
+
+def renorm_backward(x, dy, axes, gamma, epsilon, r, d, mask=None):
+    """Alg. 1's gradients with r and d treated as constants: (dx, dgamma, dbeta)."""
+    dx, dgamma_bn, dbeta = backward(x, dy, axes, gamma * r, epsilon, mask)
+    return dx, dgamma_bn * r + dbeta * d, dbeta
+
+
+def renorm_state_after(x, axes, epsilon, state, momentum, renorm_momentum, unbiased, mask=None):
+    """One batch's update of (moving_mean, moving_stddev, renorm_mean, renorm_stddev), and the
+    derived moving_variance = max(moving_stddev**2 - eps, 0). ``momentum`` None is not modelled
+    here: pass the batch weight as ``1 - momentum``."""
+    n, mean, var = moments(x, axes, mask)
+    population = var * n / (n - 1) if unbiased else var
+    moving_mean, moving_stddev, renorm_mean, renorm_stddev = state
+    w, rw = 1.0 - momentum, 1.0 - renorm_momentum
+    moving_mean = moving_mean + w * (mean - moving_mean)
+    moving_stddev = moving_stddev + w * (np.sqrt(population + epsilon) - moving_stddev)
+    renorm_mean = renorm_mean + rw * (mean - renorm_mean)
+    renorm_stddev = renorm_stddev + rw * (np.sqrt(var + epsilon) - renorm_stddev)
+    moving_variance = np.maximum(moving_stddev**2 - epsilon, 0.0)
+    return (moving_mean, moving_stddev, renorm_mean, renorm_stddev), moving_variance

@@ -25,6 +25,9 @@ NON_DEFAULT = dict(
     gamma_constraint=keras.constraints.MaxNorm(2.0),
     moving_mean_constraint=keras.constraints.NonNeg(),
     moving_variance_constraint=keras.constraints.NonNeg(),
+    renorm=True,
+    renorm_clipping={"rmin": 0.5, "rmax": 2.0, "dmax": 1.0},
+    renorm_momentum=0.9,
     synchronized=True,
     unbiased_variance=False,
     fused=False,
@@ -43,6 +46,18 @@ def test_get_config_round_trips_every_argument():
     default = keras_bn.BatchNormalization().get_config()
     assert default["momentum"] == 0.99 and default["unbiased_variance"] is True
     assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == config
+
+
+def test_every_keras_config_loads_and_virtual_batch_size_round_trips():
+    for keras_layer in (
+        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0}, axis=1),
+    ):
+        config = keras_layer.get_config()
+        ours = keras_bn.BatchNormalization.from_config(config)
+        assert {k: ours.get_config()[k] for k in config} == config
+    layer = keras_bn.BatchNormalization(virtual_batch_size=8)
+    assert keras_bn.BatchNormalization.from_config(layer.get_config()).virtual_batch_size == 8
 
 
 def _trained_model():
@@ -74,8 +89,7 @@ def test_saved_model_export_gives_same_inference_outputs(tmp_path):
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
     reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(x), model(x, training=False), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(reloaded.serve(x), model(x, training=False), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -108,9 +122,24 @@ def test_rank_change_after_build_is_an_error():
         layer(np.zeros((2, 4, 3), np.float32))
 
 
-def test_integer_inputs_are_an_error():
-    with pytest.raises(ValueError, match="floating"):
-        keras_bn.BatchNormalization()(np.zeros((2, 3), np.int32))
+def test_feature_size_change_after_build_names_both_sizes():
+    layer = keras_bn.BatchNormalization()
+    layer(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"built for \(3,\) features.*with \(5,\)"):
+        layer(np.zeros((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
+@pytest.mark.parametrize("training", [True, False])
+def test_integer_and_boolean_inputs_are_cast_as_keras_casts_them(dtype, training):
+    x = (np.arange(24).reshape(8, 3) % 5).astype(dtype)
+    ours = keras_bn.BatchNormalization(unbiased_variance=False)
+    theirs = keras.layers.BatchNormalization()
+    y = ours(x, training=training)
+    expected = theirs(x, training=training)
+    assert y.dtype == expected.dtype == tf.float32
+    np.testing.assert_allclose(y.numpy(), keras.ops.convert_to_numpy(expected), atol=1e-5)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -127,15 +156,21 @@ def test_mixed_precision_keeps_float32_state_and_compute_dtype_output(policy):
         assert all(w.dtype == "float32" for w in layer.weights)
         x_half = np.asarray(tf.cast(tf.cast(x, policy.split("_")[1]), tf.float32), np.float64)
         n = 32 * 16
-        np.testing.assert_allclose(layer.moving_variance.numpy(),
-                                   x_half.reshape(-1, 3).var(0) * n / (n - 1), rtol=1e-4)
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), x_half.reshape(-1, 3).var(0) * n / (n - 1), rtol=1e-4
+        )
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-FUSABLE = [((4, 5, 5, 3), -1, True), ((4, 3, 5, 5), 1, True), ((8, 3), -1, True),
-           ((2, 3, 4, 5, 6), -1, True), ((4, 5, 5, 3), 2, False),
-           ((4, 5, 5, 3), [1, 3], False)]
+FUSABLE = [
+    ((4, 5, 5, 3), -1, True),
+    ((4, 3, 5, 5), 1, True),
+    ((8, 3), -1, True),
+    ((2, 3, 4, 5, 6), -1, True),
+    ((4, 5, 5, 3), 2, False),
+    ((4, 5, 5, 3), [1, 3], False),
+]
 
 
 def _must_compile(op):
@@ -145,7 +180,7 @@ def _must_compile(op):
         return False
 
 
-def _training_step_ops(shape, axis, **kwargs):
+def _training_step_ops(shape, axis, jit_compile=False, **kwargs):
     layer = keras_bn.BatchNormalization(axis=axis, **kwargs)
     layer.build(shape)
 
@@ -155,7 +190,8 @@ def _training_step_ops(shape, axis, **kwargs):
             y = layer(x, training=True)
         return tape.gradient(y, x)
 
-    graph = tf.function(step).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    step = tf.function(step, jit_compile=jit_compile)
+    graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
     ops = {op.type for op in graph.get_operations()}
     xla_calls = [op for op in graph.get_operations() if _must_compile(op)]
     # One compiled call updates the moving statistics on every path; count the others.
@@ -174,10 +210,17 @@ def test_fused_kernel_when_asked(shape, axis, fusable):
 
 
 @pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
-def test_default_on_cpu_is_the_xla_fused_formulation(shape, axis, fusable):
+def test_default_on_cpu_is_the_kernel_outside_xla_and_the_xla_formulation_inside(
+    shape, axis, fusable
+):
+    # No GPU here. Outside XLA the kernel is faster on CPUs (keras_bn.fused's docstring).
     ops, xla_calls = _training_step_ops(shape, axis)
-    assert "FusedBatchNormV3" not in ops  # no GPU here: the XLA formulation is faster
-    assert (xla_calls == 2) == fusable  # forward and backward, each one compiled cluster
+    assert ("FusedBatchNormV3" in ops) == fusable
+    assert xla_calls == 0
+    # Inside an XLA-compiled step: forward and backward, each one compiled cluster.
+    ops, xla_calls = _training_step_ops(shape, axis, jit_compile=True)
+    assert "FusedBatchNormV3" not in ops
+    assert (xla_calls == 2) == fusable
     assert "OnesLike" not in ops and "Fill" not in ops
 
 
@@ -195,8 +238,11 @@ def test_fused_true_needs_kernel_epsilon():
 def test_masked_inputs_take_the_generic_path():
     layer = keras_bn.BatchNormalization()
     layer.build((4, 5, 3))
-    graph = tf.function(lambda x, m: layer(x, training=True, mask=m)).get_concrete_function(
-        tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool)).graph
+    graph = (
+        tf.function(lambda x, m: layer(x, training=True, mask=m))
+        .get_concrete_function(tf.TensorSpec((4, 5, 3)), tf.TensorSpec((4, 5), tf.bool))
+        .graph
+    )
     ops = {op.type for op in graph.get_operations()}
     assert "FusedBatchNormV3" not in ops and "StatefulPartitionedCall" not in ops
 

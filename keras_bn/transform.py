@@ -1,0 +1,83 @@
+"""Alg. 1's training transform, written once: the per-channel math every path uses.
+
+Training normalizes with the batch statistics and applies the affine map::
+
+    y = gamma' * (x - mean) / sqrt(variance + epsilon) + beta'
+
+where ``(gamma', beta') = (gamma, beta)`` for Batch Normalization and, with Batch
+Renormalization (Ioffe, 2017, Alg. 1), ``gamma' = gamma * r`` and ``beta' = beta + gamma * d`` with
+``r`` and ``d`` computed from the batch statistics and the renorm moving averages, clipped, and
+carrying no gradient. Renorm is therefore a per-channel change of gamma and beta: every
+implementation of the transform (the plain TensorFlow ops in ``keras_bn.layer``, the fused kernel
+and the XLA formulation in ``keras_bn.fused``, local or across replicas) calls these functions and
+nothing else defines them.
+
+The functions are pure and shape-agnostic: the statistics, gamma, beta and the renorm state only
+need to broadcast against one another (per-channel vectors, or the keepdims layout of the input).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Renorm(NamedTuple):
+    """What Batch Renormalization needs to correct one batch (read before the update).
+
+    Attributes:
+        mean: the ``renorm_mean`` moving average (``mu`` in the renorm paper).
+        stddev: the ``renorm_stddev`` moving average (``sigma``).
+        clipping: float32 ``[rmin, rmax, dmax]`` (``0, inf, inf`` when not clipped).
+    """
+
+    mean: tf.Tensor
+    stddev: tf.Tensor
+    clipping: tf.Tensor
+
+
+def scale_and_offset(mean, variance, gamma, beta, epsilon):
+    """``(m, c)`` with ``gamma * (x - mean) / sqrt(variance + epsilon) + beta == x * m + c``."""
+    multiplier = gamma * tf.math.rsqrt(variance + epsilon)
+    return multiplier, beta - mean * multiplier
+
+
+def renorm_correction(mean, variance, epsilon, renorm: Renorm):
+    """The renorm paper's ``r = clip(sigma_B / sigma)`` and ``d = clip((mu_B - mu) / sigma)``,
+    with no gradient.
+
+    ``sigma_B = sqrt(variance + epsilon)``; ``sigma`` is floored at ``sqrt(epsilon)`` so a zero
+    initial stddev cannot divide by zero (as Keras does).
+    """
+    epsilon = tf.cast(epsilon, mean.dtype)
+    sigma = tf.maximum(tf.cast(renorm.stddev, mean.dtype), tf.sqrt(epsilon))
+    rmin, rmax, dmax = tf.unstack(tf.cast(renorm.clipping, mean.dtype))
+    r = tf.clip_by_value(tf.sqrt(variance + epsilon) / sigma, rmin, rmax)
+    d = tf.clip_by_value((mean - tf.cast(renorm.mean, mean.dtype)) / sigma, -dmax, dmax)
+    return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+def corrected_params(gamma, beta, correction):
+    """``(gamma * r, beta + gamma * d)``, or ``(gamma, beta)`` when ``correction`` is None."""
+    if correction is None:
+        return gamma, beta
+    r, d = correction
+    return gamma * r, beta + gamma * d
+
+
+def corrected_scale(gamma, correction):
+    """``gamma * r`` (``gamma`` without renorm): the scale the input gradient flows through."""
+    return gamma if correction is None else gamma * correction[0]
+
+
+def params_grad(sum_dy, sum_dy_x_hat, correction):
+    """``(dgamma, dbeta)`` from the two per-channel sums of the transform's backward pass.
+
+    Without renorm they are ``sum dy * x_hat`` and ``sum dy``; with it, the chain rule through
+    ``gamma' = gamma * r`` and ``beta' = beta + gamma * d`` (r, d constant).
+    """
+    if correction is None:
+        return sum_dy_x_hat, sum_dy
+    r, d = correction
+    return sum_dy_x_hat * r + sum_dy * d, sum_dy
