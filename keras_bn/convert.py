@@ -74,6 +74,14 @@ def convert_model(model, **overrides):
 
     Example:
 
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                           keras.layers.BatchNormalization(epsilon=1e-5)])
+    >>> bn = convert_model(model, synchronized=True).layers[1]
+    >>> type(bn).__module__, bn.epsilon, bn.synchronized
+    ('keras_bn.layer', 1e-05, True)
+
+    A `keras.applications` net trained with synchronized statistics:
+
     ```python
     strategy = tf.distribute.MirroredStrategy()
     with strategy.scope():
@@ -82,6 +90,9 @@ def convert_model(model, **overrides):
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
     model.fit(dataset, epochs=10)
     ```
+
+    Reference:
+        - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
     """
     if not isinstance(model, keras.Model):
         raise ValueError(

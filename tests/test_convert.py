@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import os
 
 import keras
 import numpy as np
@@ -13,6 +14,9 @@ import keras_bn
 
 L = keras.layers
 APPLICATIONS = ["MobileNetV2", "ResNet50", "EfficientNetB0"]
+# Training under MirroredStrategy costs 20-40 s per net (model.fit traces the step on both
+# replicas), so CI trains one; KERAS_BN_CONVERT_NETS=MobileNetV2,ResNet50,EfficientNetB0 all.
+MIRRORED_NETS = os.environ.get("KERAS_BN_CONVERT_NETS", "MobileNetV2").split(",")
 # A Keras config key of every BN argument that is not about Batch Renormalization.
 SHARED_KEYS = [
     "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
@@ -335,9 +339,11 @@ print(json.dumps(results))
 
 
 def test_converted_applications_nets_train_under_mirrored_strategy():
-    out = run_python(f"NAMES = {APPLICATIONS!r}\n" + TRAIN_UNDER_MIRRORED, timeout=600)
+    out = run_python(f"NAMES = {MIRRORED_NETS!r}\n" + TRAIN_UNDER_MIRRORED, timeout=900)
     results = json.loads(out.strip().splitlines()[-1])
-    for name in APPLICATIONS:
+    print(results)
+    assert sorted(results) == sorted(MIRRORED_NETS)
+    for name in MIRRORED_NETS:
         r = results[name]
         assert np.isfinite(r["loss"]) and r["synchronized"], (name, r)
         assert r["changed"] == r["bns"] > 40, (name, r)  # every BN layer's statistics moved
