@@ -1,9 +1,10 @@
 """Swap every Batch Normalization layer of an existing model for `keras_bn.BatchNormalization`.
 
 Keras has no counterpart of PyTorch's `SyncBatchNorm.convert_sync_batchnorm`: `convert_model`
-rebuilds a Sequential or Functional model (nested ones included) with
-`keras.models.clone_model`, replacing each `keras.layers.BatchNormalization` by ours with the
-same configuration and weights, and copying every other layer with its weights.
+rebuilds a Sequential or Functional model (nested ones included: Functional graphs with
+`keras.models.clone_model`, Sequential ones from their list of layers), replacing each
+`keras.layers.BatchNormalization` by ours with the same configuration and weights, and copying
+every other layer with its weights.
 """
 
 import inspect

@@ -92,12 +92,15 @@ def test_applications_net_gives_the_same_inference_outputs(name):
     _assert_unchanged(model, snapshot)
 
 
-def test_nested_models_keep_configuration_weights_and_sharing():
+def test_nested_models_keep_configuration_weights_and_sharing(tmp_path):
     model = _nested_model()
     x = np.random.default_rng(2).normal(2.0, 3.0, (5, 6, 6, 4)).astype("float32")
     _make_bn_stats_nontrivial(model, x)
+    model.get_layer("inner").trainable = False  # a frozen backbone stays frozen
     snapshot = _snapshot(model)
     converted = keras_bn.convert_model(model)
+    assert not converted.get_layer("inner").trainable
+    assert len(converted.trainable_weights) == len(model.trainable_weights)
 
     assert converted.name == "outer" and converted.input.name == "image"
     assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
@@ -117,6 +120,9 @@ def test_nested_models_keep_configuration_weights_and_sharing():
             np.testing.assert_array_equal(ours_by_name[w.name], w.numpy())
     assert _max_abs_difference(model, converted, x) <= 1e-5
     _assert_unchanged(model, snapshot)
+    converted.save(tmp_path / "converted.keras")
+    reloaded = keras.models.load_model(tmp_path / "converted.keras")
+    assert _max_abs_difference(converted, reloaded, x) == 0.0
 
 
 def test_configuration_of_every_kind_is_carried():
