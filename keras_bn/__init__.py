@@ -6,10 +6,13 @@ Public API:
   inference, exact n/(n-1), cross-replica moments with ``synchronized=True``).
 - :func:`recompute_population_statistics` and the :class:`PopulationStatistics` callback:
   Alg. 2, exact population statistics after training.
+- :func:`convert_model`: a copy of an existing model (a ``keras.applications`` net, a saved
+  model) in which every ``keras.layers.BatchNormalization`` is ours, weights kept.
 - :func:`fold_batch_norm`: an equivalent inference model with BN folded into the preceding
   Conv/Dense kernels (any other BN becomes an :class:`AffineChannel` multiply-add).
 """
 
+from keras_bn.convert import convert_model
 from keras_bn.folding import AffineChannel, fold_batch_norm
 from keras_bn.layer import BatchNormalization
 from keras_bn.population import PopulationStatistics, recompute_population_statistics
@@ -21,6 +24,7 @@ __all__ = [
     "BatchNormalization",
     "PopulationStatistics",
     "__version__",
+    "convert_model",
     "fold_batch_norm",
     "recompute_population_statistics",
 ]

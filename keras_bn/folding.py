@@ -19,9 +19,9 @@ import warnings
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional  # The class has no public name.
 
 from keras_bn.layer import BatchNormalization
+from keras_bn.model_graph import fresh_inputs, is_graph_model, sublayers
 
 __all__ = ["AffineChannel", "fold_batch_norm"]
 
@@ -178,7 +178,7 @@ def fold_batch_norm(model):
         )
     if isinstance(model, keras.Sequential):
         return _fold_sequential(model)
-    if _is_graph_model(model):
+    if is_graph_model(model):
         return _fold_functional(model)
     raise ValueError(
         f"`model` ({model.name}) is a subclassed model of type {type(model).__name__}; "
@@ -253,11 +253,6 @@ def _is_bn(layer):
     return isinstance(layer, _BN_CLASSES)
 
 
-def _is_graph_model(layer):
-    """True for models whose layer graph can be rewritten (Sequential, Functional)."""
-    return isinstance(layer, (keras.Sequential, Functional))
-
-
 def _normalize_axes(axis, rank, arg_name):
     axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
     for a in axes:
@@ -312,7 +307,7 @@ class _Converter:
         """The replacement of `layer`, or None if it disappears (a folded BN)."""
         if id(layer) in self.folded_bns:
             return None
-        if _is_graph_model(layer):
+        if is_graph_model(layer):
             return fold_batch_norm(layer)  # Comes with its weights.
         if _is_bn(layer):
             new = AffineChannel(axis=layer.axis, name=layer.name, dtype=layer.dtype_policy)
@@ -321,7 +316,7 @@ class _Converter:
             config["use_bias"] = True
             new = layer.__class__.from_config(config)
         else:
-            if any(_is_bn(sub) for sub in layer._flatten_layers(include_self=False)):
+            if any(_is_bn(sub) for sub in sublayers(layer)):
                 warnings.warn(
                     f"fold_batch_norm: layer {layer.name!r} ({type(layer).__name__}) contains "
                     "BatchNormalization layers it cannot rewrite; they are copied unchanged.",
@@ -438,18 +433,11 @@ def _fold_functional(model):
             return x if layer is skip else layer(x)
         return layer(*args, **kwargs)
 
-    # New inputs keep the names of the original input layers (clone_model would rename them).
-    inputs = keras.tree.map_structure(
-        lambda x: keras.Input(
-            batch_shape=x.shape,
-            dtype=x.dtype,
-            sparse=x.sparse,
-            name=x._keras_history.operation.name,
-        ),
-        model.input,
-    )
     new_model = keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_function, call_function=call_function
+        model,
+        input_tensors=fresh_inputs(model.input),
+        clone_function=clone_function,
+        call_function=call_function,
     )
     converter.assign_weights()
     return new_model

@@ -1,0 +1,34 @@
+"""What `fold_batch_norm` and `convert_model` need to rebuild a Keras model's layer graph."""
+
+import keras
+from keras.src.models.functional import Functional  # The class has no public name.
+
+__all__ = ["fresh_inputs", "is_graph_model", "sublayers"]
+
+
+def is_graph_model(layer):
+    """True for models whose layer graph can be rebuilt (Sequential, Functional)."""
+    return isinstance(layer, (keras.Sequential, Functional))
+
+
+def fresh_inputs(tensors):
+    """New `keras.Input`s like `tensors` (a structure of a model's input tensors).
+
+    They keep the names of the original input layers, so the rebuilt model takes the same dict
+    keys (`keras.models.clone_model`, left to itself, would rename them).
+    """
+    return keras.tree.map_structure(
+        lambda x: keras.Input(
+            batch_shape=x.shape,
+            dtype=x.dtype,
+            sparse=x.sparse,
+            name=x._keras_history.operation.name,
+        ),
+        tensors,
+    )
+
+
+def sublayers(layer):
+    """Every layer inside `layer`, at any depth (not `layer` itself)."""
+    # Keras has no public name for this walk (Model.layers is the same walk, one level deep).
+    return list(layer._flatten_layers(include_self=False))
