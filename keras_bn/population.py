@@ -305,7 +305,9 @@ def recompute_population_statistics(model, dataset, steps=None, *, estimator="pa
     one with `trainable=False` runs in inference mode and is left unchanged (with a warning).
     `keras.layers.BatchNormalization` layers are not supported: their moving statistics are
     restored after the pass (with a warning). A layer called several times per step contributes
-    one batch per call.
+    one batch per call. A renorm layer also gets `moving_stddev = sqrt(Var[x] + epsilon)`, from
+    which its training updates derive the moving variance; its `renorm_mean`/`renorm_stddev`
+    (the r, d state of training) are not changed.
 
     Args:
         model: a built Keras model (or layer) containing `keras_bn.BatchNormalization` layers. If
@@ -428,6 +430,13 @@ def _write(layers, accumulators, totals, replicas):
         new_variance = np.where(var_ok, variance, old_variance).astype(old_variance.dtype)
         layer.moving_mean.assign(new_mean)
         layer.moving_variance.assign(new_variance)
+        if layer.renorm:
+            # The renorm layer's moving variance is derived from moving_stddev at every training
+            # update: keep the two consistent. renorm_mean/renorm_stddev (training-only r, d
+            # state) are left as they are.
+            layer.moving_stddev.assign(
+                np.sqrt(new_variance + layer.epsilon).astype(old_variance.dtype)
+            )
         result[_layer_key(layer, result)] = {
             "mean": new_mean,
             "variance": new_variance,

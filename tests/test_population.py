@@ -231,6 +231,23 @@ def test_nested_model():
     assert set(result) == {inner_bn.path, outer_bn.path}
 
 
+def test_renorm_layer_moving_stddev_follows_the_population_variance():
+    model, (_, bn1, _, bn2) = two_bn_model(seed=21, renorm=True)
+    x = data(32, seed=22)
+    model(x[:8], training=True)  # the renorm state moves away from its initial values
+    renorm_state = [(np.array(b.renorm_mean), np.array(b.renorm_stddev)) for b in (bn1, bn2)]
+    recompute_population_statistics(model, [x[:16], x[16:]], verbose=0)
+    for bn, (renorm_mean, renorm_stddev) in zip((bn1, bn2), renorm_state, strict=True):
+        # Training derives moving_variance from moving_stddev: the two must agree.
+        np.testing.assert_allclose(
+            np.square(np.array(bn.moving_stddev)) - bn.epsilon,
+            np.array(bn.moving_variance),
+            rtol=1e-5,
+        )
+        np.testing.assert_array_equal(np.array(bn.renorm_mean), renorm_mean)
+        np.testing.assert_array_equal(np.array(bn.renorm_stddev), renorm_stddev)
+
+
 # ------------------------------------------------------------------------------ side effects
 
 
