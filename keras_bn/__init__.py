@@ -12,10 +12,16 @@ Public API:
   Conv/Dense kernels (any other BN becomes an :class:`AffineChannel` multiply-add).
 """
 
-from keras_bn.convert import convert_model
-from keras_bn.folding import AffineChannel, fold_batch_norm
-from keras_bn.layer import BatchNormalization
-from keras_bn.population import PopulationStatistics, recompute_population_statistics
+from keras_bn import _native_stderr
+
+# Before TensorFlow loads: its C++ start-up lines stay off the terminal of keras-bn's own command
+# line (and only there).
+_native_stderr.hide_tensorflow_startup_lines()
+
+from keras_bn.convert import convert_model  # noqa: E402
+from keras_bn.folding import AffineChannel, fold_batch_norm  # noqa: E402
+from keras_bn.layer import BatchNormalization  # noqa: E402
+from keras_bn.population import PopulationStatistics, recompute_population_statistics  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -256,6 +256,9 @@ def test_tensorflow_logs_only_when_asked(tmp_path):
     assert quiet.returncode == asked.returncode == 2
     assert "cuInit" not in quiet.stderr
     assert "cuInit" in asked.stderr
+    # Nothing of TensorFlow's start-up either (printed while `import keras_bn` loads it).
+    assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
+    assert "oneDNN" in asked.stderr
     for result in (quiet, asked):
         assert result.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: --batch")
 

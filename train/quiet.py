@@ -14,46 +14,34 @@ environment variable `KERAS_BN_TF_LOGS=1` keeps TensorFlow's lines.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import logging as absl_logging
 
-ENV = "KERAS_BN_TF_LOGS"
+from keras_bn import _native_stderr
 
-
-def wanted(argv: list[str]) -> bool:
-    """Whether the command line `argv` (or the environment) asks for TensorFlow's C++ logs.
-
-    Looked up before the flags are parsed: by then TensorFlow may already be logging.
-
-    Example:
-
-    >>> wanted(["--preset=mnist_bn", "--verbose", "2"])
-    True
-    """
-    verbose_two = any(
-        arg == "--verbose=2" or (arg == "--verbose" and value == "2")
-        for arg, value in zip(argv, [*argv[1:], ""], strict=True)
-    )
-    return verbose_two or os.environ.get(ENV, "") not in ("", "0")
+ENV = _native_stderr.ENV
+wanted = _native_stderr.wanted
 
 
 def silence_native_stderr() -> None:
     """Sends file descriptor 2 to /dev/null; `sys.stderr` keeps writing to the terminal.
 
+    `import keras_bn` has usually done the redirect already (before TensorFlow's start-up lines);
     Python log handlers that were writing to the old `sys.stderr` (absl's, TensorFlow's) follow
-    it to the terminal.
+    it to the terminal either way.
     """
-    old = sys.stderr
-    old.flush()
-    terminal = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=old.encoding, errors="replace")
+    _native_stderr.redirect()
     handlers = [*logging.getLogger().handlers, *logging.getLogger("tensorflow").handlers]
     handlers.append(absl_logging.get_absl_handler().python_handler)
     for handler in handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+        # A handler made before the redirect still writes to descriptor 2, now /dev/null.
+        if isinstance(handler, logging.StreamHandler) and _writes_to_fd2(handler.stream):
             handler.setStream(sys.stderr)
+
+
+def _writes_to_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (OSError, ValueError):
+        return False
