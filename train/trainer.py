@@ -158,6 +158,15 @@ class Trainer:
         self._eval_fn = None
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
+        # Batches gathered from in-memory tensors inside one compiled loop per block of steps,
+        # or read through tf.data: same batches, same order (data.Data.train_indices).
+        self.in_memory = data.in_memory and strategy.num_replicas_in_sync == 1
+        if data.in_memory and not self.in_memory and chief and config.verbose:
+            print(
+                f"Reading batches through tf.data: the in-memory path runs on one replica, this "
+                f"strategy has {strategy.num_replicas_in_sync}.",
+                flush=True,
+            )
 
     # State --------------------------------------------------------------------------------
 
@@ -242,10 +251,36 @@ class Trainer:
         return tf.stack([tf.reduce_sum(per_example), correct, count])
 
     def _make_train_fn(self):
+        """Compiles one block of training steps; returns `(loss, correct, count)` summed.
+
+        In memory: `fn(indices)` runs one step per row of the `(steps, batch)` example indices,
+        gathering each batch inside the loop. Through tf.data: `fn(iterator, steps)`.
+        """
+        strategy, step = self.strategy, self.step
+        if self.in_memory:
+            images, labels = self.data.arrays("train")
+            preprocess, replica_step = self.data.preprocess_batch, self._replica_train_step
+
+            def train_block(indices):
+                def body(i, totals):
+                    batch = (
+                        preprocess(tf.gather(images, indices[i])),
+                        tf.gather(labels, indices[i]),
+                    )
+                    per_replica = strategy.run(replica_step, args=(batch,))
+                    step.assign_add(1)
+                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+
+                n = tf.shape(indices)[0]
+                return tf.while_loop(lambda i, _: i < n, body, (0, tf.zeros([3])))[1]
+
+            # Always XLA: fusing the gather, the step and the loop is what makes this path fast.
+            signature = [tf.TensorSpec([None, self.config.batch_size], tf.int64)]
+            return tf.function(train_block, input_signature=signature, jit_compile=True)
+
         replica_step = self._replica_train_step
         if self.config.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
-        strategy, step = self.strategy, self.step
 
         @tf.function
         def train_steps(iterator, n):
@@ -273,6 +308,25 @@ class Trainer:
 
     def _make_eval_fn(self):
         strategy, replica_step = self.strategy, self._replica_eval_step
+        if self.in_memory:
+            images, labels = self.data.arrays("eval")
+            preprocess = self.data.preprocess_batch
+            size = self.config.eval_batch_size or self.config.batch_size
+            n = int(labels.shape[0])
+            batches = -(-n // size)
+            if self.config.eval_steps:
+                batches = min(batches, self.config.eval_steps)
+
+            def evaluate_in_memory():
+                # The batches of `Data.eval_dataset`, summed in the same order.
+                def body(i, totals):
+                    x, y = images[i * size : (i + 1) * size], labels[i * size : (i + 1) * size]
+                    per_replica = strategy.run(replica_step, args=((preprocess(x), y),))
+                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+
+                return tf.while_loop(lambda i, _: i < batches, body, (0, tf.zeros([4])))[1]
+
+            return tf.function(evaluate_in_memory)  # not XLA: the last batch may be smaller
 
         @tf.function
         def evaluate(dataset):
@@ -290,11 +344,13 @@ class Trainer:
         """Evaluates on the evaluation split; returns loss, accuracy (and top-5 accuracy)."""
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
-            static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
-            self._eval_dataset = self.strategy.experimental_distribute_dataset(
-                self.data.eval_dataset(drop_remainder=static_shapes)
-            )
-        loss, top1, top5, count = self._eval_fn(self._eval_dataset).numpy().tolist()
+            if not self.in_memory:
+                static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
+                self._eval_dataset = self.strategy.experimental_distribute_dataset(
+                    self.data.eval_dataset(drop_remainder=static_shapes)
+                )
+        args = () if self.in_memory else (self._eval_dataset,)
+        loss, top1, top5, count = self._eval_fn(*args).numpy().tolist()
         if count == 0:
             raise ValueError("the evaluation split is empty.")
         result = {"eval_loss": loss / count, "eval_accuracy": top1 / count}
@@ -324,7 +380,7 @@ class Trainer:
                     metadata=_SCALAR_METADATA,
                 )
 
-    def train(self, on_checkpoint=None) -> dict[str, Any]:
+    def train(self, on_checkpoint=None, on_evaluate=None) -> dict[str, Any]:
         """Trains from the current step to `config.train_steps`.
 
         Evaluates every `eval_every` steps and at the end, checkpoints every
@@ -332,6 +388,10 @@ class Trainer:
 
         Args:
             on_checkpoint: called with the step after each checkpoint is written.
+            on_evaluate: called as `on_evaluate(step, eval_metrics)` after each evaluation,
+                with the model as trained to that step; the dict of floats it returns joins
+                that step's metrics record (metrics.jsonl, TensorBoard's eval folder). This is
+                how an experiment records what it needs between evaluation blocks.
 
         Returns:
             The metrics record of the final step.
@@ -352,10 +412,12 @@ class Trainer:
         if step < c.train_steps:
             if self._train_fn is None:
                 self._train_fn = self._make_train_fn()
-            dataset = self.strategy.experimental_distribute_dataset(
-                self.data.train_dataset(start_step=start)
-            )
-            iterator = iter(dataset)
+            if not self.in_memory:
+                iterator = iter(
+                    self.strategy.experimental_distribute_dataset(
+                        self.data.train_dataset(start_step=start)
+                    )
+                )
         progbar = None
         while step < c.train_steps:
             if progbar is None and c.verbose == 1 and self.chief:  # one bar per cluster
@@ -368,7 +430,11 @@ class Trainer:
                 )
             chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
             chunk_start = time.perf_counter()
-            totals = self._train_fn(iterator, tf.constant(chunk, tf.int64)).numpy()
+            if self.in_memory:
+                totals = self._train_fn(tf.constant(self.data.train_indices(step, chunk)))
+            else:
+                totals = self._train_fn(iterator, tf.constant(chunk, tf.int64))
+            totals = totals.numpy()
             rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
             step += chunk
             self._interval.add(totals)
@@ -390,14 +456,14 @@ class Trainer:
                     ],
                 )
             if step % c.eval_every == 0 or step == c.train_steps:
-                record = self._evaluate_and_record(step, progbar)
+                record = self._evaluate_and_record(step, progbar, on_evaluate)
                 progbar = None
             if step % c.checkpoint_interval == 0 or step == c.train_steps:
                 self.save()
                 if on_checkpoint is not None:
                     on_checkpoint(step)
         if record is None or record["step"] != step:
-            record = self._evaluate_and_record(step, None)
+            record = self._evaluate_and_record(step, None, on_evaluate)
         for writer in self._writers.values():
             writer.flush()
         self.train_seconds = time.perf_counter() - t_start
@@ -412,9 +478,11 @@ class Trainer:
             (step // c.checkpoint_interval + 1) * c.checkpoint_interval,
         )
 
-    def _evaluate_and_record(self, step: int, progbar) -> dict[str, Any]:
+    def _evaluate_and_record(self, step: int, progbar, on_evaluate=None) -> dict[str, Any]:
         c = self.config
         values = self.evaluate()
+        if on_evaluate is not None:
+            values.update(on_evaluate(step, dict(values)) or {})
         self._summaries("eval", step, values)
         record = {
             "step": step,
