@@ -7,6 +7,14 @@ function of the step (`data.Data.train_dataset(start_step)`), so a run killed at
 restarted with the same flags continues with the very batches it would have seen and ends with
 the same weights as an uninterrupted run.
 
+Two input paths give the same batches in the same order. Data held in memory (the packaged
+MNIST, no augmentation) on an unreplicated strategy: each block of up to `steps_per_loop` steps
+is ONE XLA-compiled `tf.while_loop` that gathers its batches from the in-memory tensors by the
+indices of `Data.train_indices` (always XLA: fusing the gather, the step and the loop is what
+makes it fast; the evaluation loop runs in memory too, without XLA). Everything else, and every
+replicated strategy (Mirrored, MultiWorkerMirrored, TPU): a distributed tf.data pipeline and
+`strategy.run` per step, compiled with XLA when `config.jit_compile`.
+
 The loss is softmax cross-entropy on the model's logits, averaged over the GLOBAL batch on each
 replica (`tf.nn.compute_average_loss`), plus the model's regularization losses divided by the
 replica count; Keras's optimizer sums the gradients over replicas.
@@ -38,6 +46,12 @@ from keras_bn.train.data import Data
 from keras_bn.train.run_dir import RunDir
 
 KEEP_CHECKPOINTS = 3
+# Strategies whose step runs on several replicas (collectives): batches come through tf.data.
+_REPLICATED = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+    tf.distribute.TPUStrategy,
+)
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
     data_class=summary_pb2.DATA_CLASS_SCALAR,
@@ -158,13 +172,13 @@ class Trainer:
         self._eval_fn = None
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
-        # Batches gathered from in-memory tensors inside one compiled loop per block of steps,
-        # or read through tf.data: same batches, same order (data.Data.train_indices).
-        self.in_memory = data.in_memory and strategy.num_replicas_in_sync == 1
+        # Batches gathered from in-memory tensors inside one XLA loop per block of steps, or
+        # read through tf.data: the same batches in the same order (Data.train_indices).
+        self.in_memory = data.in_memory and not isinstance(strategy, _REPLICATED)
         if data.in_memory and not self.in_memory and chief and config.verbose:
             print(
-                f"Reading batches through tf.data: the in-memory path runs on one replica, this "
-                f"strategy has {strategy.num_replicas_in_sync}.",
+                f"Reading batches through tf.data: the in-memory path runs without replication "
+                f"(default or one-device strategy), not under {type(strategy).__name__}.",
                 flush=True,
             )
 
