@@ -104,6 +104,20 @@ class Data:
         Row k indexes `arrays("train")` for the batch of step `start_step + k`: the same stream
         as `train_dataset(start_step)` (one permutation per epoch, a pure function of seed and
         epoch), for in-memory data.
+
+        Args:
+            start_step: the first step.
+            num_steps: number of rows.
+            batch_size: the global batch size (default `config.batch_size`).
+
+        Returns:
+            int64 array `(num_steps, batch_size)`.
+
+        Example:
+
+        >>> from keras_bn.train.config import resolve
+        >>> make_data(resolve("mnist_bn", {})).train_indices(start_step=999, num_steps=2).shape
+        (2, 60)
         """
         batch_size = batch_size or self.config.batch_size
         n = int(self._source.arrays("train")[1].shape[0])

@@ -51,7 +51,6 @@ import os
 import pathlib
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -67,7 +66,13 @@ DEFAULT_INIT_STDDEV = 0.01
 NETS = ("baseline", "bn")
 # "Trains faster": the first evaluated step at which the test accuracy reaches this.
 MILESTONE_ACCURACY = 0.95
-_OUTPUT_FILES = ("figure1.png", "figure1.json", "figure1.csv", "summary.md")
+# run_figure1's result key -> file written into output_dir.
+_OUTPUTS = {
+    "figure": "figure1.png",
+    "json": "figure1.json",
+    "csv": "figure1.csv",
+    "summary": "summary.md",
+}
 
 
 def run_figure1(
@@ -342,12 +347,8 @@ def _train_net(name, settings, model_dir):
         "first_step_at_milestone": first_step_at(accuracies, eval_every, MILESTONE_ACCURACY),
     }
     if name == "bn":
-        layers = [
-            layer
-            for layer in trainer.model._flatten_layers()
-            if isinstance(layer, keras_bn.BatchNormalization)
-        ]
-        momenta = sorted({layer.momentum for layer in layers})
+        layers = trainer.model._flatten_layers()
+        momenta = sorted({x.momentum for x in layers if isinstance(x, keras_bn.BatchNormalization)})
         curves["bn_momentum"] = momenta[0] if len(momenta) == 1 else momenta
         curves["final_test_accuracy_population"] = None
         if settings["population_statistics"]:
@@ -476,17 +477,8 @@ def _write_outputs(output_dir, curves, start):
         curves["wall_time_s"] = time.perf_counter() - start
         (tmp / "figure1.json").write_text(json.dumps(curves, indent=1) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(curves))
-        for filename in _OUTPUT_FILES:
+        for filename in _OUTPUTS.values():
             os.replace(tmp / filename, output_dir / filename)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "figure": str(output_dir / "figure1.png"),
-        "json": str(output_dir / "figure1.json"),
-        "csv": str(output_dir / "figure1.csv"),
-        "summary": str(output_dir / "summary.md"),
-    }
-
-
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m keras_bn.train.figure1 DIR
-    run_figure1(sys.argv[1] if len(sys.argv) > 1 else "runs/figure1")
+    return {key: str(output_dir / filename) for key, filename in _OUTPUTS.items()}

@@ -24,12 +24,13 @@ Example:
 ```python
 trainer = Trainer(config, strategy, data, run_dir)
 trainer.restore()
-trainer.train()
+trainer.train(on_evaluate=lambda step, metrics: {"kernel_norm": float(tf.norm(kernel))})
 ```
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -172,6 +173,7 @@ class Trainer:
         self._eval_fn = None
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
+        self._summary_fns: dict[tuple, Any] = {}
         # Batches gathered from in-memory tensors inside one XLA loop per block of steps, or
         # read through tf.data: the same batches in the same order (Data.train_indices).
         self.in_memory = data.in_memory and not isinstance(strategy, _REPLICATED)
@@ -326,21 +328,30 @@ class Trainer:
             images, labels = self.data.arrays("eval")
             preprocess = self.data.preprocess_batch
             size = self.config.eval_batch_size or self.config.batch_size
-            n = int(labels.shape[0])
-            batches = -(-n // size)
+            count = int(labels.shape[0])
             if self.config.eval_steps:
-                batches = min(batches, self.config.eval_steps)
+                count = min(count, self.config.eval_steps * size)
+            full = count // size
 
-            def evaluate_in_memory():
-                # The batches of `Data.eval_dataset`, summed in the same order.
+            @tf.function(jit_compile=True)
+            def summed(x, y):  # (batches, size, ...): one evaluation batch per row
                 def body(i, totals):
-                    x, y = images[i * size : (i + 1) * size], labels[i * size : (i + 1) * size]
-                    per_replica = strategy.run(replica_step, args=((preprocess(x), y),))
+                    per_replica = strategy.run(replica_step, args=((preprocess(x[i]), y[i]),))
                     return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
 
-                return tf.while_loop(lambda i, _: i < batches, body, (0, tf.zeros([4])))[1]
+                return tf.while_loop(lambda i, _: i < tf.shape(x)[0], body, (0, tf.zeros([4])))[1]
 
-            return tf.function(evaluate_in_memory)  # not XLA: the last batch may be smaller
+            # The batches of `Data.eval_dataset`, summed in the same order: the full ones in
+            # one XLA loop, then the smaller last one (a second, static shape).
+            blocks = [(images[: full * size], labels[: full * size], full)]
+            if count > full * size:
+                blocks.append((images[full * size : count], labels[full * size : count], 1))
+            blocks = [
+                (tf.reshape(x, [k, -1, *x.shape[1:]]), tf.reshape(y, [k, -1]))
+                for x, y, k in blocks
+                if k
+            ]
+            return lambda: functools.reduce(tf.add, [summed(x, y) for x, y in blocks])
 
         @tf.function
         def evaluate(dataset):
@@ -384,15 +395,22 @@ class Trainer:
     def _summaries(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.chief:
             return
-        with self._writer(name).as_default(step=step):
-            for key, value in values.items():
-                # tf.summary.write + scalar metadata: TensorBoard's format without needing the
-                # tensorboard package (tf.summary.scalar does).
-                tf.summary.write(
-                    key.removeprefix(f"{name}_"),
-                    tf.constant(value, tf.float32),
-                    metadata=_SCALAR_METADATA,
-                )
+        tags = tuple(key.removeprefix(f"{name}_") for key in values)
+        if (name, tags) not in self._summary_fns:  # one compiled call per record: it is cheaper
+            writer = self._writer(name)
+
+            @tf.function
+            def write(step, values):
+                with writer.as_default(step=step):
+                    for i, tag in enumerate(tags):
+                        # tf.summary.write + scalar metadata: TensorBoard's format without
+                        # needing the tensorboard package (tf.summary.scalar does).
+                        tf.summary.write(tag, values[i], metadata=_SCALAR_METADATA)
+
+            self._summary_fns[(name, tags)] = write
+        self._summary_fns[(name, tags)](
+            tf.constant(step, tf.int64), tf.constant(list(values.values()), tf.float32)
+        )
 
     def train(self, on_checkpoint=None, on_evaluate=None) -> dict[str, Any]:
         """Trains from the current step to `config.train_steps`.
