@@ -148,8 +148,9 @@ def run_figure1(
     }
     # The trainer's checkpoints and logs are scaffolding here: only the figure's outputs stay.
     with tempfile.TemporaryDirectory(prefix="keras-bn-figure1-") as scratch:
+        data = None
         for name in NETS:
-            curves[name] = _train_net(name, settings, pathlib.Path(scratch) / name)
+            curves[name], data = _train_net(name, settings, pathlib.Path(scratch) / name, data)
     curves["wall_time_s"] = time.perf_counter() - start  # rewritten below, with the writing
     paths = _write_outputs(output_dir, curves, start)
 
@@ -265,8 +266,11 @@ def sigmoid_input_fn(model, x_fixed, unit):
     return sigmoid_input
 
 
-def _trainer(name, settings, model_dir):
-    """A Trainer for one net: the `mnist_<name>` preset with the figure's settings."""
+def _trainer(name, settings, model_dir, data=None):
+    """A Trainer for one net: the `mnist_<name>` preset with the figure's settings.
+
+    `data` (the other net's, built from the same data settings) saves reading MNIST again.
+    """
     import tensorflow as tf
 
     from keras_bn.train import config as config_lib
@@ -292,15 +296,15 @@ def _trainer(name, settings, model_dir):
             "verbose": 2 if s["verbose"] == 2 else 0,
         },
     )
-    data = data_lib.make_data(config)
+    data = data or data_lib.make_data(config)
     return Trainer(config, tf.distribute.get_strategy(), data, RunDir(model_dir))
 
 
-def _train_net(name, settings, model_dir):
-    """Trains one net through the Trainer; returns its curves."""
+def _train_net(name, settings, model_dir, data=None):
+    """Trains one net through the Trainer; returns its curves and the data it used."""
     import keras_bn
 
-    trainer = _trainer(name, settings, model_dir)
+    trainer = _trainer(name, settings, model_dir, data)
     data, steps, eval_every = trainer.data, settings["steps"], settings["eval_every"]
     x_fixed = data.preprocess_batch(data.arrays("eval")[0][: settings["percentile_examples"]])
     sigmoid_input = sigmoid_input_fn(trainer.model, x_fixed, settings["percentile_unit"])
@@ -361,7 +365,7 @@ def _train_net(name, settings, model_dir):
                 verbose=0,
             )
             curves["final_test_accuracy_population"] = trainer.evaluate()["eval_accuracy"]
-    return curves
+    return curves, data
 
 
 # -------------------------------------------------------------------------------- outputs
