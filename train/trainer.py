@@ -126,6 +126,9 @@ class Trainer:
             (False on non-chief multi-worker replicas: they checkpoint into a temporary
             folder and restore from the chief's checkpoints, which must be on a shared file
             system).
+        in_memory: False reads the batches through tf.data even where the in-memory path
+            applies (the same batches; for comparisons). Default: the in-memory path for
+            in-memory data on an unreplicated strategy.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Trainer:
         run_dir: RunDir,
         model: keras.Model | None = None,
         chief: bool = True,
+        in_memory: bool | None = None,
     ):
         self.config = config
         self.chief = chief
@@ -177,6 +181,8 @@ class Trainer:
         # Batches gathered from in-memory tensors inside one XLA loop per block of steps, or
         # read through tf.data: the same batches in the same order (Data.train_indices).
         self.in_memory = data.in_memory and not isinstance(strategy, _REPLICATED)
+        if in_memory is not None:
+            self.in_memory = self.in_memory and in_memory
         if data.in_memory and not self.in_memory and chief and config.verbose:
             print(
                 f"Reading batches through tf.data: the in-memory path runs without replication "
