@@ -11,7 +11,7 @@ Two input paths give the same batches in the same order. Data held in memory (th
 MNIST, no augmentation) on an unreplicated strategy: each block of up to `steps_per_loop` steps
 is ONE XLA-compiled `tf.while_loop` that gathers its batches from the in-memory tensors by the
 indices of `Data.train_indices` (always XLA: fusing the gather, the step and the loop is what
-makes it fast; the evaluation loop runs in memory too, without XLA). Everything else, and every
+makes it fast; evaluation is an in-memory XLA loop too). Everything else, and every
 replicated strategy (Mirrored, MultiWorkerMirrored, TPU): a distributed tf.data pipeline and
 `strategy.run` per step, compiled with XLA when `config.jit_compile`.
 
@@ -24,7 +24,8 @@ Example:
 ```python
 trainer = Trainer(config, strategy, data, run_dir)
 trainer.restore()
-trainer.train(on_evaluate=lambda step, metrics: {"kernel_norm": float(tf.norm(kernel))})
+weights = trainer.model.trainable_variables
+trainer.train(on_evaluate=lambda step, metrics: {"norm": float(tf.linalg.global_norm(weights))})
 ```
 """
 
