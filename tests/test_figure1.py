@@ -125,14 +125,12 @@ def test_sigmoid_input_uses_batch_statistics_without_moving_them():
     import keras
     import tensorflow as tf
 
-    config = {"init_stddev": 0.01, "seed": 0}
-    model = figure1.build_net("bn", config)
+    from keras_bn import models
+
+    model = models.get("mlp", batch_norm=True, init_stddev=0.01, seed=0)
     rng = np.random.default_rng(0)
-    x = (rng.random((64, 784)) > 0.5).astype(np.float32)
-    y = rng.integers(0, 10, 64).astype(np.int32)
-    data = {"x_train": x, "y_train": y, "x_test": x, "y_test": y, "x_fixed": x}
-    data = {k: tf.constant(v) for k, v in data.items()}
-    _, _, sigmoid_input = figure1.make_step_functions(model, data, 5, 0.1)
+    x = tf.constant((rng.random((64, 784)) > 0.5).astype(np.float32))
+    sigmoid_input = figure1.sigmoid_input_fn(model, x, 5)
     bn = model.get_layer("hidden3_bn")
     before = [np.array(v) for v in (bn.moving_mean, bn.moving_variance)]
     values = sigmoid_input().numpy()
@@ -143,7 +141,7 @@ def test_sigmoid_input_uses_batch_statistics_without_moving_them():
     # N_BN^tr: the unit's Dense output standardized with the fixed batch's own biased
     # statistics, then gamma * x_hat + beta.
     dense = keras.Model(model.inputs, model.get_layer("hidden3_dense").output)
-    d = np.asarray(dense(data["x_fixed"], training=True), np.float64)[:, 5]
+    d = np.asarray(dense(x, training=True), np.float64)[:, 5]
     gamma, beta = np.asarray(bn.gamma)[5], np.asarray(bn.beta)[5]
     expected = gamma * (d - d.mean()) / np.sqrt(d.var() + bn.epsilon) + beta
     np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-5)
@@ -165,25 +163,6 @@ def test_failed_write_leaves_previous_outputs_untouched(run, tmp_path, monkeypat
         figure1._write_outputs(target, json.loads((out / "figure1.json").read_text()), 0.0)
     assert os.listdir(target) == ["figure1.csv"]
     assert (target / "figure1.csv").read_text() == "old"
-
-
-def test_batch_indices_are_shuffled_epochs():
-    idx = figure1.batch_indices(steps=5, batch_size=4, num_examples=10, seed=1)
-    assert idx.shape == (5, 4) and idx.dtype == np.int32
-    flat = idx.reshape(-1)
-    assert sorted(flat[:10]) == list(range(10))
-    assert sorted(flat[10:20]) == list(range(10))
-    np.testing.assert_array_equal(idx, figure1.batch_indices(5, 4, 10, seed=1))
-    assert not np.array_equal(idx, figure1.batch_indices(5, 4, 10, seed=2))
-
-
-def test_binarization_threshold():
-    images = np.array([[[0, 127, 128, 255]]], np.uint8)
-    x, y = figure1._prepare(images, np.array([7]), binarize=True)
-    np.testing.assert_array_equal(x, [[0, 0, 1, 1]])
-    assert x.dtype == np.float32 and y.dtype == np.int32
-    x, _ = figure1._prepare(images, np.array([7]), binarize=False)
-    np.testing.assert_allclose(x, [[0, 127 / 255, 128 / 255, 1]])
 
 
 def test_first_step_at_threshold():

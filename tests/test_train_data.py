@@ -79,6 +79,32 @@ def test_mnist_stream_resumes_at_any_step_with_the_same_batches():
     assert not np.array_equal(batches(other.train_dataset(), 1)[0][1], reference[0][1])
 
 
+def test_in_memory_indices_are_the_tf_data_stream_of_shuffled_epochs():
+    # The trainer's in-memory path gathers `train_indices` rows from `arrays("train")`; they
+    # must be the very batches of `train_dataset`, for any start step and across epochs.
+    data = make(batch_size=70, train_steps=2000, binarize=True)
+    assert data.in_memory
+    images, labels = data.arrays("train")
+    boundary = 60000 // 70  # 60000 is not a multiple of 70: a batch straddles two epochs
+    for start in (0, 5, boundary - 1):
+        indices = data.train_indices(start, 3)
+        assert indices.shape == (3, 70) and indices.dtype == np.int64
+        expected = batches(data.train_dataset(start_step=start), 3)
+        gathered = [
+            (data.preprocess_batch(tf.gather(images, i)).numpy(), tf.gather(labels, i).numpy())
+            for i in indices
+        ]
+        assert_same_batches(gathered, expected)
+    epoch = data.train_indices(0, 2000, batch_size=60).reshape(-1)  # two epochs of 60,000
+    assert sorted(epoch[:60000]) == list(range(60000)) == sorted(epoch[60000:])
+    assert not np.array_equal(epoch[:60000], epoch[60000:])
+    np.testing.assert_array_equal(data.train_indices(3, 2), make(batch_size=70).train_indices(3, 2))
+    assert not np.array_equal(
+        data.train_indices(0, 1), make(batch_size=70, seed=1).train_indices(0, 1)
+    )
+    assert not make(augment="inception").in_memory and not make("synthetic").in_memory
+
+
 def test_mnist_for_a_convolutional_model_is_resized_and_scaled():
     data = make(model="bn_inception", batch_size=4, train_steps=2)
     assert data.spec.input_shape == (75, 75, 1)

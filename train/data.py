@@ -79,8 +79,62 @@ class Data:
         self.spec = spec
         self._source = source
         self._augment = _resolve_augment(config)
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> order, for train_indices
 
     # Public pipelines -----------------------------------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether training batches can be gathered from tensors held in memory.
+
+        True for the packaged MNIST without augmentation: `arrays` and `train_indices`
+        then give the very batches `train_dataset` gives, without tf.data.
+        """
+        return self._source.in_memory and self._augment == "none"
+
+    def arrays(self, split: str) -> tuple[tf.Tensor, tf.Tensor]:
+        """Raw `(images, labels)` of `split` ("train" or "eval") as tensors (in-memory data)."""
+        return self._source.arrays(split)
+
+    def train_indices(
+        self, start_step: int, num_steps: int, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Training example indices `(num_steps, batch_size)` of steps `start_step` onwards.
+
+        Row k indexes `arrays("train")` for the batch of step `start_step + k`: the same stream
+        as `train_dataset(start_step)` (one permutation per epoch, a pure function of seed and
+        epoch), for in-memory data.
+
+        Args:
+            start_step: the first step.
+            num_steps: number of rows.
+            batch_size: the global batch size (default `config.batch_size`).
+
+        Returns:
+            int64 array `(num_steps, batch_size)`.
+
+        Example:
+
+        >>> from keras_bn.train.config import resolve
+        >>> make_data(resolve("mnist_bn", {})).train_indices(start_step=999, num_steps=2).shape
+        (2, 60)
+        """
+        batch_size = batch_size or self.config.batch_size
+        n = int(self._source.arrays("train")[1].shape[0])
+        begin = start_step * batch_size
+        end = begin + num_steps * batch_size
+        orders = [self._epoch_order(n, e) for e in range(begin // n, (end - 1) // n + 1)]
+        first = (begin // n) * n
+        stream = np.concatenate(orders) if len(orders) > 1 else orders[0]
+        return stream[begin - first : end - first].reshape(num_steps, batch_size)
+
+    def _epoch_order(self, n: int, epoch: int) -> np.ndarray:
+        # Cached: consecutive blocks of steps mostly share an epoch, and an order costs a sort.
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            self._orders[epoch] = epoch_order(n, self.config.seed, epoch).numpy()
+        return self._orders[epoch]
 
     def train_dataset(
         self, start_step: int = 0, num_steps: int | None = None, batch_size: int | None = None
@@ -189,13 +243,17 @@ def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
 
 
+def epoch_order(n: int, seed: int, epoch) -> tf.Tensor:
+    """The order in which epoch `epoch` visits the examples: a permutation of range(n), int64."""
+    return tf.cast(tf.argsort(tf.random.stateless_uniform([n], _epoch_seed(seed, epoch))), tf.int64)
+
+
 def _index_stream(n: int, seed: int, position: int) -> tf.data.Dataset:
     """Example indices of an endless stream: a fresh permutation of range(n) per epoch."""
     first_epoch, offset = divmod(position, n)
 
     def epoch(e):
-        order = tf.argsort(tf.random.stateless_uniform([n], _epoch_seed(seed, e)))
-        return tf.data.Dataset.from_tensor_slices(tf.cast(order, tf.int64))
+        return tf.data.Dataset.from_tensor_slices(epoch_order(n, seed, e))
 
     return tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
 

@@ -7,6 +7,14 @@ function of the step (`data.Data.train_dataset(start_step)`), so a run killed at
 restarted with the same flags continues with the very batches it would have seen and ends with
 the same weights as an uninterrupted run.
 
+Two input paths give the same batches in the same order. Data held in memory (the packaged
+MNIST, no augmentation) on an unreplicated strategy: each block of up to `steps_per_loop` steps
+is ONE XLA-compiled `tf.while_loop` that gathers its batches from the in-memory tensors by the
+indices of `Data.train_indices` (always XLA: fusing the gather, the step and the loop is what
+makes it fast; evaluation is an in-memory XLA loop too). Everything else, and every
+replicated strategy (Mirrored, MultiWorkerMirrored, TPU): a distributed tf.data pipeline and
+`strategy.run` per step, compiled with XLA when `config.jit_compile`.
+
 The loss is softmax cross-entropy on the model's logits, averaged over the GLOBAL batch on each
 replica (`tf.nn.compute_average_loss`), plus the model's regularization losses divided by the
 replica count; Keras's optimizer sums the gradients over replicas.
@@ -16,12 +24,14 @@ Example:
 ```python
 trainer = Trainer(config, strategy, data, run_dir)
 trainer.restore()
-trainer.train()
+weights = trainer.model.trainable_variables
+trainer.train(on_evaluate=lambda step, metrics: {"norm": float(tf.linalg.global_norm(weights))})
 ```
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -38,6 +48,12 @@ from keras_bn.train.data import Data
 from keras_bn.train.run_dir import RunDir
 
 KEEP_CHECKPOINTS = 3
+# Strategies whose step runs on several replicas (collectives): batches come through tf.data.
+_REPLICATED = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+    tf.distribute.TPUStrategy,
+)
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
     data_class=summary_pb2.DATA_CLASS_SCALAR,
@@ -111,6 +127,9 @@ class Trainer:
             (False on non-chief multi-worker replicas: they checkpoint into a temporary
             folder and restore from the chief's checkpoints, which must be on a shared file
             system).
+        in_memory: False reads the batches through tf.data even where the in-memory path
+            applies (the same batches; for comparisons). Default: the in-memory path for
+            in-memory data on an unreplicated strategy.
     """
 
     def __init__(
@@ -121,6 +140,7 @@ class Trainer:
         run_dir: RunDir,
         model: keras.Model | None = None,
         chief: bool = True,
+        in_memory: bool | None = None,
     ):
         self.config = config
         self.chief = chief
@@ -158,6 +178,18 @@ class Trainer:
         self._eval_fn = None
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
+        self._summary_fns: dict[tuple, Any] = {}
+        # Batches gathered from in-memory tensors inside one XLA loop per block of steps, or
+        # read through tf.data: the same batches in the same order (Data.train_indices).
+        self.in_memory = data.in_memory and not isinstance(strategy, _REPLICATED)
+        if in_memory is not None:
+            self.in_memory = self.in_memory and in_memory
+        if data.in_memory and not self.in_memory and chief and config.verbose:
+            print(
+                f"Reading batches through tf.data: the in-memory path runs without replication "
+                f"(default or one-device strategy), not under {type(strategy).__name__}.",
+                flush=True,
+            )
 
     # State --------------------------------------------------------------------------------
 
@@ -242,10 +274,36 @@ class Trainer:
         return tf.stack([tf.reduce_sum(per_example), correct, count])
 
     def _make_train_fn(self):
+        """Compiles one block of training steps; returns `(loss, correct, count)` summed.
+
+        In memory: `fn(indices)` runs one step per row of the `(steps, batch)` example indices,
+        gathering each batch inside the loop. Through tf.data: `fn(iterator, steps)`.
+        """
+        strategy, step = self.strategy, self.step
+        if self.in_memory:
+            images, labels = self.data.arrays("train")
+            preprocess, replica_step = self.data.preprocess_batch, self._replica_train_step
+
+            def train_block(indices):
+                def body(i, totals):
+                    batch = (
+                        preprocess(tf.gather(images, indices[i])),
+                        tf.gather(labels, indices[i]),
+                    )
+                    per_replica = strategy.run(replica_step, args=(batch,))
+                    step.assign_add(1)
+                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+
+                n = tf.shape(indices)[0]
+                return tf.while_loop(lambda i, _: i < n, body, (0, tf.zeros([3])))[1]
+
+            # Always XLA: fusing the gather, the step and the loop is what makes this path fast.
+            signature = [tf.TensorSpec([None, self.config.batch_size], tf.int64)]
+            return tf.function(train_block, input_signature=signature, jit_compile=True)
+
         replica_step = self._replica_train_step
         if self.config.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
-        strategy, step = self.strategy, self.step
 
         @tf.function
         def train_steps(iterator, n):
@@ -273,6 +331,34 @@ class Trainer:
 
     def _make_eval_fn(self):
         strategy, replica_step = self.strategy, self._replica_eval_step
+        if self.in_memory:
+            images, labels = self.data.arrays("eval")
+            preprocess = self.data.preprocess_batch
+            size = self.config.eval_batch_size or self.config.batch_size
+            count = int(labels.shape[0])
+            if self.config.eval_steps:
+                count = min(count, self.config.eval_steps * size)
+            full = count // size
+
+            @tf.function(jit_compile=True)
+            def summed(x, y):  # (batches, size, ...): one evaluation batch per row
+                def body(i, totals):
+                    per_replica = strategy.run(replica_step, args=((preprocess(x[i]), y[i]),))
+                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+
+                return tf.while_loop(lambda i, _: i < tf.shape(x)[0], body, (0, tf.zeros([4])))[1]
+
+            # The batches of `Data.eval_dataset`, summed in the same order: the full ones in
+            # one XLA loop, then the smaller last one (a second, static shape).
+            blocks = [(images[: full * size], labels[: full * size], full)]
+            if count > full * size:
+                blocks.append((images[full * size : count], labels[full * size : count], 1))
+            blocks = [
+                (tf.reshape(x, [k, -1, *x.shape[1:]]), tf.reshape(y, [k, -1]))
+                for x, y, k in blocks
+                if k
+            ]
+            return lambda: functools.reduce(tf.add, [summed(x, y) for x, y in blocks])
 
         @tf.function
         def evaluate(dataset):
@@ -290,11 +376,13 @@ class Trainer:
         """Evaluates on the evaluation split; returns loss, accuracy (and top-5 accuracy)."""
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
-            static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
-            self._eval_dataset = self.strategy.experimental_distribute_dataset(
-                self.data.eval_dataset(drop_remainder=static_shapes)
-            )
-        loss, top1, top5, count = self._eval_fn(self._eval_dataset).numpy().tolist()
+            if not self.in_memory:
+                static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
+                self._eval_dataset = self.strategy.experimental_distribute_dataset(
+                    self.data.eval_dataset(drop_remainder=static_shapes)
+                )
+        args = () if self.in_memory else (self._eval_dataset,)
+        loss, top1, top5, count = self._eval_fn(*args).numpy().tolist()
         if count == 0:
             raise ValueError("the evaluation split is empty.")
         result = {"eval_loss": loss / count, "eval_accuracy": top1 / count}
@@ -314,17 +402,24 @@ class Trainer:
     def _summaries(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.chief:
             return
-        with self._writer(name).as_default(step=step):
-            for key, value in values.items():
-                # tf.summary.write + scalar metadata: TensorBoard's format without needing the
-                # tensorboard package (tf.summary.scalar does).
-                tf.summary.write(
-                    key.removeprefix(f"{name}_"),
-                    tf.constant(value, tf.float32),
-                    metadata=_SCALAR_METADATA,
-                )
+        tags = tuple(key.removeprefix(f"{name}_") for key in values)
+        if (name, tags) not in self._summary_fns:  # one compiled call per record: it is cheaper
+            writer = self._writer(name)
 
-    def train(self, on_checkpoint=None) -> dict[str, Any]:
+            @tf.function
+            def write(step, values):
+                with writer.as_default(step=step):
+                    for i, tag in enumerate(tags):
+                        # tf.summary.write + scalar metadata: TensorBoard's format without
+                        # needing the tensorboard package (tf.summary.scalar does).
+                        tf.summary.write(tag, values[i], metadata=_SCALAR_METADATA)
+
+            self._summary_fns[(name, tags)] = write
+        self._summary_fns[(name, tags)](
+            tf.constant(step, tf.int64), tf.constant(list(values.values()), tf.float32)
+        )
+
+    def train(self, on_checkpoint=None, on_evaluate=None) -> dict[str, Any]:
         """Trains from the current step to `config.train_steps`.
 
         Evaluates every `eval_every` steps and at the end, checkpoints every
@@ -332,6 +427,10 @@ class Trainer:
 
         Args:
             on_checkpoint: called with the step after each checkpoint is written.
+            on_evaluate: called as `on_evaluate(step, eval_metrics)` after each evaluation,
+                with the model as trained to that step; the dict of floats it returns joins
+                that step's metrics record (metrics.jsonl, TensorBoard's eval folder). This is
+                how an experiment records what it needs between evaluation blocks.
 
         Returns:
             The metrics record of the final step.
@@ -352,10 +451,12 @@ class Trainer:
         if step < c.train_steps:
             if self._train_fn is None:
                 self._train_fn = self._make_train_fn()
-            dataset = self.strategy.experimental_distribute_dataset(
-                self.data.train_dataset(start_step=start)
-            )
-            iterator = iter(dataset)
+            if not self.in_memory:
+                iterator = iter(
+                    self.strategy.experimental_distribute_dataset(
+                        self.data.train_dataset(start_step=start)
+                    )
+                )
         progbar = None
         while step < c.train_steps:
             if progbar is None and c.verbose == 1 and self.chief:  # one bar per cluster
@@ -368,7 +469,11 @@ class Trainer:
                 )
             chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
             chunk_start = time.perf_counter()
-            totals = self._train_fn(iterator, tf.constant(chunk, tf.int64)).numpy()
+            if self.in_memory:
+                totals = self._train_fn(tf.constant(self.data.train_indices(step, chunk)))
+            else:
+                totals = self._train_fn(iterator, tf.constant(chunk, tf.int64))
+            totals = totals.numpy()
             rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
             step += chunk
             self._interval.add(totals)
@@ -390,14 +495,14 @@ class Trainer:
                     ],
                 )
             if step % c.eval_every == 0 or step == c.train_steps:
-                record = self._evaluate_and_record(step, progbar)
+                record = self._evaluate_and_record(step, progbar, on_evaluate)
                 progbar = None
             if step % c.checkpoint_interval == 0 or step == c.train_steps:
                 self.save()
                 if on_checkpoint is not None:
                     on_checkpoint(step)
         if record is None or record["step"] != step:
-            record = self._evaluate_and_record(step, None)
+            record = self._evaluate_and_record(step, None, on_evaluate)
         for writer in self._writers.values():
             writer.flush()
         self.train_seconds = time.perf_counter() - t_start
@@ -412,9 +517,11 @@ class Trainer:
             (step // c.checkpoint_interval + 1) * c.checkpoint_interval,
         )
 
-    def _evaluate_and_record(self, step: int, progbar) -> dict[str, Any]:
+    def _evaluate_and_record(self, step: int, progbar, on_evaluate=None) -> dict[str, Any]:
         c = self.config
         values = self.evaluate()
+        if on_evaluate is not None:
+            values.update(on_evaluate(step, dict(values)) or {})
         self._summaries("eval", step, values)
         record = {
             "step": step,
