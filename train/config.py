@@ -223,7 +223,10 @@ class TrainConfig:
         "Compute dtype: none (float32), float16 (with loss scaling), bfloat16",
         choices=("none", "float16", "bfloat16"),
     )
-    jit_compile: bool = setting(False, "Compile the training step with XLA")
+    jit_compile: bool = setting(
+        False,
+        "Compile the training step with XLA (the in-memory path for MNIST without replicas always is)",
+    )
 
     # After training.
     population_stats: int = setting(

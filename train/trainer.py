@@ -144,6 +144,7 @@ class Trainer:
     ):
         self.config = config
         self.chief = chief
+        self.train_seconds = 0.0  # wall time of the last `train()` call
         self.strategy = strategy
         self.data = data
         self.run_dir = run_dir
@@ -437,11 +438,7 @@ class Trainer:
         """
         c = self.config
         start = self.current_step
-        if start > c.train_steps:
-            raise ValueError(
-                f"--model_dir={self.run_dir.path} is already trained to step {start} > "
-                f"--train_steps={c.train_steps}; pass --train_steps>={start}."
-            )
+        checkpoints.check_not_past(start, c.train_steps, self.run_dir.path)
         if self.chief:
             self.run_dir.truncate_metrics(start)
         record = next((r for r in self.run_dir.metrics() if r["step"] == start), None)
