@@ -225,7 +225,8 @@ class TrainConfig:
     )
     jit_compile: bool = setting(
         False,
-        "Compile the training step with XLA (the in-memory path for MNIST without replicas always is)",
+        "Compile the training step with XLA (the in-memory path, MNIST without replicas, "
+        "always is)",
     )
 
     # After training.
