@@ -156,7 +156,7 @@ def crop_views(images, crop_size: int, num_crops: int) -> tf.Tensor:
     """Every view of a batch of images, as one tensor.
 
     Memory is `B * num_crops * crop_size**2 * C` floats: evaluate in batches small enough for
-    that (144 crops of 32 images at 75x75x3 take 100 MB).
+    that (144 crops of 32 grayscale images at 75x75 take 104 MB).
 
     Args:
         images: `(B, H, W, C)` or grayscale `(B, H, W)`, of a static height and width (eager
