@@ -1,0 +1,115 @@
+"""Ensemble evaluation (paper section 4.3): the mean of several models' class probabilities.
+
+The paper's ensemble "is based on the arithmetic averaging of class probabilities predicted by
+the constituent networks", each evaluated on the same multi-crop views (`keras_bn.train.crops`).
+Every model's probabilities are first averaged over the views of an image, then over the
+models; with equal view counts that is the mean over all (model, view) pairs. The views are cut
+once per batch and shared by the models.
+
+Example:
+
+>>> inputs = keras.Input((14, 14, 1))
+>>> flat = keras.layers.Flatten()(inputs)
+>>> members = [keras.Model(inputs, keras.layers.Dense(3)(flat)) for _ in range(2)]
+>>> images = np.random.default_rng(0).integers(0, 256, (4, 16, 20), np.uint8)
+>>> accuracy = ensemble_accuracy(members, [(images, [0, 1, 2, 0])], crop_size=14, num_crops=10)
+>>> 0.0 <= accuracy <= 1.0
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import tensorflow as tf
+
+from keras_bn.train import crops, preprocessing
+
+
+def ensemble_probabilities(
+    probabilities: Sequence[Callable[[tf.Tensor], tf.Tensor]],
+    images,
+    crop_size: int,
+    num_crops: int,
+    preprocess: Callable[[tf.Tensor], tf.Tensor] = preprocessing.scale_to_unit_range,
+    predict_batch_size: int = 256,
+) -> tf.Tensor:
+    """Class probabilities of each image: the mean over models of their multi-crop means.
+
+    Args:
+        probabilities: one `crops.probability_fn` per model.
+        images: a batch, as `crops.crop_views` takes it.
+        crop_size: side of the models' square input (the same for every model).
+        num_crops: 1, 10 or 144.
+        preprocess: see `crops.average_over_views`.
+        predict_batch_size: see `crops.average_over_views`.
+
+    Returns:
+        float32 `(B, classes)`.
+
+    Raises:
+        ValueError: if there is no model, or the models disagree on the number of classes.
+
+    Example:
+
+    >>> a = crops.probability_fn(lambda x: tf.constant([[0.9, 0.1]]), from_logits=False)
+    >>> b = crops.probability_fn(lambda x: tf.constant([[0.2, 0.8]]), from_logits=False)
+    >>> np.round(ensemble_probabilities([a, b], np.zeros((1, 8, 8)), 7, 1).numpy(), 2)
+    array([[0.55, 0.45]], dtype=float32)
+    """
+    if not probabilities:
+        raise ValueError("An ensemble needs at least one model; received none.")
+    image_views = crops.crop_views(images, crop_size, num_crops)
+    per_model = [
+        crops.average_over_views(fn, image_views, preprocess, predict_batch_size)
+        for fn in probabilities
+    ]
+    classes = sorted({int(p.shape[-1]) for p in per_model})
+    if len(classes) != 1:
+        raise ValueError(
+            f"The ensemble's models predict different numbers of classes ({classes}); every "
+            "member must have the same output layer."
+        )
+    return tf.reduce_mean(tf.stack(per_model, axis=0), axis=0)
+
+
+def ensemble_accuracy(
+    models: Sequence,
+    batches: Iterable,
+    crop_size: int,
+    num_crops: int,
+    *,
+    from_logits: bool = True,
+    preprocess: Callable[[tf.Tensor], tf.Tensor] = preprocessing.scale_to_unit_range,
+    predict_batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> float:
+    """Top-1 accuracy of the ensemble of `models` on `num_crops` views per image.
+
+    A one-model ensemble gives exactly `crops.crop_accuracy` of that model.
+
+    Args:
+        models: the members; each as `crops.probability_fn` takes it.
+        batches: iterable of `(images, labels)`; see `crops.crop_accuracy`.
+        crop_size: side of the models' square input.
+        num_crops: 1, 10 or 144.
+        from_logits: the models output logits (the zoo's do).
+        preprocess: see `crops.average_over_views`.
+        predict_batch_size: see `crops.average_over_views`.
+        progress: see `crops.top1_accuracy`.
+
+    Reference:
+        Ioffe & Szegedy, 2015, section 4.3 (6 networks, 144 crops, 4.9% top-5 error).
+
+    Example: see the module docstring.
+    """
+    if not models:
+        raise ValueError("An ensemble needs at least one model; received none.")
+    probabilities = [crops.probability_fn(model, from_logits) for model in models]
+
+    def probabilities_of(images):
+        return ensemble_probabilities(
+            probabilities, images, crop_size, num_crops, preprocess, predict_batch_size
+        )
+
+    return crops.top1_accuracy(probabilities_of, batches, progress)
