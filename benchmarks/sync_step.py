@@ -79,9 +79,11 @@ class Identity(keras.layers.Layer):
 def build(make_norm, image, width):
     layers = [keras.Input((image, image, 3))]
     for i in range(BN_LAYERS):
-        layers += [keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
-                                       strides=2 if i else 1),
-                   make_norm(), keras.layers.ReLU()]
+        layers += [
+            keras.layers.Conv2D(width, 3, padding="same", use_bias=False, strides=2 if i else 1),
+            make_norm(),
+            keras.layers.ReLU(),
+        ]
     layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
     return keras.Sequential(layers)
 
@@ -94,11 +96,14 @@ def make_step(make_norm, strategy, batch, image, width):
         optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     per_replica = batch // strategy.num_replicas_in_sync
-    xs = [tf.constant(rng.normal(r, 1 + r, (per_replica, image, image, 3)).astype(np.float32))
-          for r in range(strategy.num_replicas_in_sync)]
+    xs = [
+        tf.constant(rng.normal(r, 1 + r, (per_replica, image, image, 3)).astype(np.float32))
+        for r in range(strategy.num_replicas_in_sync)
+    ]
     ys = [tf.constant(rng.integers(0, 10, (per_replica,))) for _ in xs]
     dist = lambda values: strategy.experimental_distribute_values_from_function(
-        lambda ctx: values[ctx.replica_id_in_sync_group])
+        lambda ctx: values[ctx.replica_id_in_sync_group]
+    )
     x, y = dist(xs), dist(ys)
     bn_calls = {}
 
@@ -109,12 +114,17 @@ def make_step(make_norm, strategy, batch, image, width):
             before = _calls.count(me)
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
-                loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-                    y, logits, from_logits=True)) / batch
+                loss = (
+                    tf.reduce_sum(
+                        keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                    )
+                    / batch
+                )
             grads = tape.gradient(loss, model.trainable_variables)
             bn_calls[me] = _calls.count(me) - before
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
+
         return strategy.run(step, args=(x, y))
 
     run = lambda: strategy.experimental_local_results(train_step(x, y))[0].numpy()
@@ -129,6 +139,7 @@ def exchange_cost_ms(strategy, chained=16, repeats=30):
     """Median cost of one exchange of a small packed tensor, through the collective runtime
     (ReplicaContext.all_reduce) and as keras_bn's in-graph sum, from a step of ``chained``
     dependent exchanges."""
+
     def make_step(exchange):
         @tf.function
         def step(n):
@@ -138,12 +149,16 @@ def exchange_cost_ms(strategy, chained=16, repeats=30):
                 for _ in range(n):
                     v = exchange(ctx, v) * 0.5
                 return v
+
             return strategy.run(chain)
+
         return step
 
     costs = {}
-    for name, exchange in (("collective runtime", lambda ctx, v: ctx.all_reduce("sum", v)),
-                           ("in-graph sum", all_reduce_sum)):
+    for name, exchange in (
+        ("collective runtime", lambda ctx, v: ctx.all_reduce("sum", v)),
+        ("in-graph sum", all_reduce_sum),
+    ):
         step = make_step(exchange)
         medians = []
         for n in (1, 1 + chained):
@@ -166,33 +181,43 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    steps = {name: make_step(make_norm, strategy, args.batch, args.image, args.width)
-             for name, make_norm in (
-                 ("keras_bn", lambda: keras_bn.BatchNormalization(synchronized=True)),
-                 ("keras3", lambda: keras.layers.BatchNormalization(synchronized=True)),
-                 ("keras_bn_local", lambda: keras_bn.BatchNormalization(synchronized=False)),
-                 ("no_bn", Identity))}
+    steps = {
+        name: make_step(make_norm, strategy, args.batch, args.image, args.width)
+        for name, make_norm in (
+            ("keras_bn", lambda: keras_bn.BatchNormalization(synchronized=True)),
+            ("keras3", lambda: keras.layers.BatchNormalization(synchronized=True)),
+            ("keras_bn_local", lambda: keras_bn.BatchNormalization(synchronized=False)),
+            ("no_bn", Identity),
+        )
+    }
     times = {name: [] for name in steps}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         for name, (run, _) in steps.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    results = {name: (statistics.median(times[name]) * 1e3, calls)
-               for name, (_, calls) in steps.items()}
-    print(f"MirroredStrategy, 2 logical CPUs, global batch {args.batch}, "
-          f"{args.image}x{args.image} images, {BN_LAYERS} BN layers, median of {args.repeats}")
+    results = {
+        name: (statistics.median(times[name]) * 1e3, calls) for name, (_, calls) in steps.items()
+    }
+    print(
+        f"MirroredStrategy, 2 logical CPUs, global batch {args.batch}, "
+        f"{args.image}x{args.image} images, {BN_LAYERS} BN layers, median of {args.repeats}"
+    )
     print(f"{'layer':<15}{'step ms':>10}{'collectives per BN layer':>27}")
     for name, (ms, calls) in results.items():
         print(f"{name:<15}{ms:>10.2f}{calls:>27.1f}")
     print(f"ratio keras_bn/keras3, whole step: {results['keras_bn'][0] / results['keras3'][0]:.2f}")
     floor = results["no_bn"][0]
     ours, theirs = results["keras_bn"][0] - floor, results["keras3"][0] - floor
-    print(f"time in the BN layers (step minus the no_bn step): keras_bn {ours:.2f} ms, "
-          f"keras3 {theirs:.2f} ms, ratio {ours / theirs:.2f}")
+    print(
+        f"time in the BN layers (step minus the no_bn step): keras_bn {ours:.2f} ms, "
+        f"keras3 {theirs:.2f} ms, ratio {ours / theirs:.2f}"
+    )
     costs = exchange_cost_ms(strategy)
-    print("one exchange (2x3x64 floats): " + ", ".join(
-        f"{name} {ms:.3f} ms" for name, ms in costs.items()))
+    print(
+        "one exchange (2x3x64 floats): "
+        + ", ".join(f"{name} {ms:.3f} ms" for name, ms in costs.items())
+    )
 
 
 if __name__ == "__main__":

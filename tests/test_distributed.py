@@ -116,7 +116,10 @@ def _script(replicas, body):
 
 
 def test_synchronized_matches_oracle_on_global_batch_uneven_and_empty_replicas():
-    out = run_python(_script(4, """
+    out = run_python(
+        _script(
+            4,
+            """
         # conv NHWC, uneven split [3, 2, 2, 1]
         check_global(sync_case([3, 2, 2, 1], (3, 4, 5)))
         # channels_first, a replica with an empty batch (the partial last batch)
@@ -124,12 +127,17 @@ def test_synchronized_matches_oracle_on_global_batch_uneven_and_empty_replicas()
         # dense with a sequence mask, uneven
         check_global(sync_case([4, 1, 3, 2], (6, 3), mask_tail=(6,), seed=2))
         print("OK")
-    """))
+    """,
+        )
+    )
     assert "OK" in out
 
 
 def test_unsynchronized_layer_normalizes_locally_but_replicas_agree():
-    out = run_python(_script(4, """
+    out = run_python(
+        _script(
+            4,
+            """
         r = sync_case([3, 2, 4, 2], (3, 4, 5), synchronized=False, seed=4)
         eps = r["layer"].epsilon
         for x, y in zip(r["xs"], r["y"]):
@@ -137,12 +145,17 @@ def test_unsynchronized_layer_normalizes_locally_but_replicas_agree():
             np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
         check_moving(r)  # every replica: the global batch's statistics, identical copies
         print("OK")
-    """))
+    """,
+        )
+    )
     assert "OK" in out
 
 
 def test_fit_under_mirrored_keeps_replica_copies_identical_unlike_keras():
-    out = run_python(_script(2, """
+    out = run_python(
+        _script(
+            2,
+            """
         rng = np.random.default_rng(0)
         # The two halves of every global batch differ a lot: replica 0 sees ~0, replica 1 ~10.
         x = np.concatenate([rng.normal(0, 1, (8, 6, 6, 3)), rng.normal(10, 3, (8, 6, 6, 3))])
@@ -164,14 +177,19 @@ def test_fit_under_mirrored_keeps_replica_copies_identical_unlike_keras():
                 bn.moving_mean.value)]
             result[name] = float(np.abs(copies[0] - copies[1]).max())
         print(json.dumps(result))
-    """))
+    """,
+        )
+    )
     spread = json.loads(out.strip().splitlines()[-1])
     assert spread["ours"] == 0.0 and spread["ours_sync"] == 0.0
     assert spread["keras"] > 1e-2  # the anchor's copies drift: this test can tell them apart
 
 
 def test_one_collective_per_layer_forward_and_one_backward():
-    out = run_python(_script(2, """
+    out = run_python(
+        _script(
+            2,
+            """
         import threading
         from tensorflow.python.distribute import distribute_lib
         # One entry per cross-replica exchange, by thread (MirroredStrategy traces each replica
@@ -227,7 +245,9 @@ def test_one_collective_per_layer_forward_and_one_backward():
                   "ours_local": count(lambda: keras_bn.BatchNormalization()),
                   "keras": count(lambda: keras.layers.BatchNormalization(synchronized=True))}
         print(json.dumps(result))
-    """))
+    """,
+        )
+    )
     counts = json.loads(out.strip().splitlines()[-1])
     assert counts["ours"] == [1, 1]
     assert counts["ours_local"] == [1, 0]  # the moving-statistics agreement, no gradient
@@ -235,7 +255,10 @@ def test_one_collective_per_layer_forward_and_one_backward():
 
 
 def test_all_reduce_sum_under_mirrored_is_an_in_graph_sum_in_graph_and_eager():
-    out = run_python(_script(3, """
+    out = run_python(
+        _script(
+            3,
+            """
         from keras_bn.moments import all_reduce_sum
         values = strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.fill([2, 5], tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0))
@@ -251,7 +274,9 @@ def test_all_reduce_sum_under_mirrored_is_an_in_graph_sum_in_graph_and_eager():
                              strategy.experimental_local_results(strategy.run(step, (values,)))],
                    "collective_ops": sorted(o for o in ops if "Collective" in o)}
         print(json.dumps(results))
-    """))
+    """,
+        )
+    )
     r = json.loads(out.strip().splitlines()[-1])
     expected = [[[6.0] * 5] * 2] * 3  # 1 + 2 + 3 on every replica
     assert r["graph"] == expected and r["eager"] == expected
@@ -337,10 +362,15 @@ def test_multi_worker_mirrored_two_processes_match_single_process(tmp_path):
     procs = []
     for index in range(2):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), "worker"],
-            env=dict(env, TF_CONFIG=json.dumps(tf_config)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "worker"],
+                env=dict(env, TF_CONFIG=json.dumps(tf_config)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -350,14 +380,18 @@ def test_multi_worker_mirrored_two_processes_match_single_process(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    single = subprocess.run([sys.executable, str(script), "single"], env=env,
-                            capture_output=True, text=True, timeout=240)
+    single = subprocess.run(
+        [sys.executable, str(script), "single"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     reference = json.loads(single.stdout.strip().splitlines()[-1])
     for worker in outputs:
         np.testing.assert_allclose(worker["mean"], reference["mean"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(worker["variance"], reference["variance"], rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(worker["variance"], reference["variance"], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(outputs[0]["mean"], outputs[1]["mean"])
     # Training happened (the kernel moved) and both workers hold the same weights.
     np.testing.assert_allclose(outputs[0]["kernel"], reference["kernel"], rtol=1e-4, atol=1e-5)
@@ -365,7 +399,10 @@ def test_multi_worker_mirrored_two_processes_match_single_process(tmp_path):
 
 
 def test_stable_merge_keeps_float32_precision_far_from_zero():
-    out = run_python(_script(4, """
+    out = run_python(
+        _script(
+            4,
+            """
         rng = np.random.default_rng(3)
         # Values around 3000 with unit spread; replicas offset from each other by a few units.
         xs = [(3000.0 + r + rng.normal(0, 1, (64, 8))).astype(np.float32) for r in range(4)]
@@ -385,7 +422,9 @@ def test_stable_merge_keeps_float32_precision_far_from_zero():
             ref = (x - x.mean(0)) / np.sqrt(x.var(0) + layer.epsilon)
             errors[name] = float(np.abs(y - ref).max())
         print(json.dumps(errors))
-    """))
+    """,
+        )
+    )
     errors = json.loads(out.strip().splitlines()[-1])
     assert errors["ours"] < 1e-3, errors
     assert errors["keras"] > 10 * errors["ours"], errors  # E[x^2]-E[x]^2 loses the digits

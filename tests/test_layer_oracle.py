@@ -76,11 +76,13 @@ IMPLEMENTATIONS = [(None, False), (None, True), (True, False), (False, False)]
 
 
 @pytest.mark.parametrize("name,shape,axis,mask_shape", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("fused,jit", IMPLEMENTATIONS,
-                         ids=["auto", "auto-in-jit", "kernel", "unfused"])
+@pytest.mark.parametrize(
+    "fused,jit", IMPLEMENTATIONS, ids=["auto", "auto-in-jit", "kernel", "unfused"]
+)
 def test_float32_outputs_and_gradients_match_oracle(name, shape, axis, mask_shape, fused, jit):
-    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=1,
-                                                             fused=fused)
+    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(
+        shape, axis, mask_shape, seed=1, fused=fused
+    )
     y, dx, dgamma, dbeta = _run(layer, x, dy, mask, tf.float32, jit)
     ref_y = bn_oracle.forward(x, red, gamma, beta, layer.epsilon, full_mask)
     ref_dx, ref_dgamma, ref_dbeta = bn_oracle.backward(x, dy, red, gamma, layer.epsilon, full_mask)
@@ -98,8 +100,9 @@ def test_float32_outputs_and_gradients_match_oracle(name, shape, axis, mask_shap
 )
 @pytest.mark.parametrize("fused", [None, True])
 def test_half_precision_inputs_match_oracle(dtype, name, shape, axis, mask_shape, fused):
-    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(shape, axis, mask_shape, seed=2,
-                                                             fused=fused)
+    layer, x, dy, mask, full_mask, red, gamma, beta = _setup(
+        shape, axis, mask_shape, seed=2, fused=fused
+    )
     # The oracle sees exactly the values the layer sees after the cast.
     x = np.asarray(tf.cast(tf.cast(x, dtype), tf.float32))
     y, dx, dgamma, dbeta = _run(layer, x, dy, mask, getattr(tf, dtype), jit=False)

@@ -12,8 +12,10 @@ import keras_bn
 
 def _batches(shape, k, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.normal(rng.normal(0, 3), rng.uniform(0.5, 3), shape).astype(np.float32)
-            for _ in range(k)]
+    return [
+        rng.normal(rng.normal(0, 3), rng.uniform(0.5, 3), shape).astype(np.float32)
+        for _ in range(k)
+    ]
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.5, 0.0, None])
@@ -30,10 +32,12 @@ def test_moving_statistics_closed_form(momentum, shape, axis):
         step(x)
     red = tuple(a for a in range(len(shape)) if a not in layer._feature_axes)
     ref_mean, ref_var = bn_oracle.moving_after(batches, red, momentum)
-    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean.reshape(layer._param_shape),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance.numpy(),
-                               ref_var.reshape(layer._param_shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), ref_mean.reshape(layer._param_shape), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), ref_var.reshape(layer._param_shape), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unbiased_factor_uses_values_per_feature_map():
@@ -51,8 +55,9 @@ def test_biased_option_matches_keras_rule():
     theirs = keras.layers.BatchNormalization(momentum=0.0)
     ours(x, training=True)
     theirs(x, training=True)
-    np.testing.assert_allclose(ours.moving_variance.numpy(), theirs.moving_variance.numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.moving_variance.numpy(), theirs.moving_variance.numpy(), rtol=1e-5
+    )
 
 
 def test_mask_excludes_entries_from_statistics_and_count():
@@ -131,8 +136,7 @@ def test_masked_channel_with_one_value_is_skipped():
     layer(x, training=True, mask=mask)
     mean, var = _state(layer)
     np.testing.assert_allclose(mean, [4.5, 0.0, 0.0])
-    np.testing.assert_allclose(var, [x[:, 0].astype(np.float64).var() * 4 / 3, 1.0, 1.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(var, [x[:, 0].astype(np.float64).var() * 4 / 3, 1.0, 1.0], rtol=1e-6)
 
 
 def test_cumulative_average_ignores_degenerate_batches():
@@ -154,12 +158,15 @@ def test_inference_is_the_affine_map_of_population_statistics(shape, axis):
     layer.build(shape)
     for v in (layer.gamma, layer.beta, layer.moving_mean):
         v.assign(rng.normal(size=v.shape).astype(np.float32))
-    layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape)
-                                 .astype(np.float32))
+    layer.moving_variance.assign(
+        rng.uniform(0.5, 2, layer.moving_variance.shape).astype(np.float32)
+    )
     x = rng.normal(size=shape).astype(np.float32)
     bshape = [shape[a] if a in layer._feature_axes else 1 for a in range(len(shape))]
-    g, b, m, v = (t.numpy().reshape(bshape).astype(np.float64) for t in
-                  (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance))
+    g, b, m, v = (
+        t.numpy().reshape(bshape).astype(np.float64)
+        for t in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
+    )
     ref = g / np.sqrt(v + layer.epsilon) * x + (b - g * m / np.sqrt(v + layer.epsilon))
     np.testing.assert_allclose(layer(x, training=False).numpy(), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
@@ -182,5 +189,6 @@ def test_synchronized_without_strategy_is_the_local_layer():
     local = keras_bn.BatchNormalization(momentum=0.5)
     synced = keras_bn.BatchNormalization(momentum=0.5, synchronized=True)
     np.testing.assert_allclose(synced(x, training=True), local(x, training=True), rtol=1e-6)
-    np.testing.assert_allclose(synced.moving_variance.numpy(), local.moving_variance.numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        synced.moving_variance.numpy(), local.moving_variance.numpy(), rtol=1e-6
+    )

@@ -34,8 +34,13 @@ def parse(*argv):
     ids=["console_script", "python_m"],
 )
 def test_help_shows_the_usage_and_every_trainer_flag(command):
-    proc = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.run(
+        [*command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     # absl's --help exits with status 1 after printing the help.
     assert "--experiment=figure1" in proc.stdout, proc.stderr[-3000:]  # the usage examples
     for name in parse():
