@@ -86,9 +86,15 @@ def _per_channel(v, x):
     return v[None, :, None, :]
 
 
-def _summed_over_ghost_batches(v, x):
-    """gamma/beta gradients: per channel, summed over the ghost batches of the ghost view."""
-    return tf.reduce_sum(v, 0) if x.shape.rank == 4 else v
+def _summed_over_ghost_batches(d_gamma, d_beta, x):
+    """gamma/beta gradients: per channel, summed over the ghost batches of the ghost view.
+
+    One reduction of the stacked ``[2, G, C]`` sums: XLA would fold a sum of ``sum dy`` into
+    a second full pass over ``dy``.
+    """
+    if x.shape.rank != 4:
+        return d_gamma, d_beta
+    return tf.unstack(tf.reduce_sum(tf.stack([d_gamma, d_beta]), 1))
 
 
 def batch_norm_training(
@@ -154,20 +160,31 @@ def _kernel_forward(x4, gamma, beta, epsilon, layout):
 
 
 def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
-    """Renorm on the kernel: the corrected gamma/beta depend on this batch's moments, so the
-    kernel normalizes (gamma 1, beta 0) and one per-channel multiply-add applies them; the
-    backward is ONE FusedBatchNormGradV3 with gamma * r, as for plain BN."""
+    """Renorm on the kernel: the corrected gamma/beta depend on this batch's moments, so a
+    training-mode kernel measures them and an inference-mode kernel applies the transform with
+    those moments and the corrected gamma/beta (one fused pass; a multiply and an add on the
+    normalized tensor cost two). The backward is ONE FusedBatchNormGradV3 with gamma * r, as
+    for plain BN."""
 
     @tf.custom_gradient
     def training(x3, gamma, beta):
         x4 = _as_4d(x3, layout)
-        x_hat4, mean, variance, reserve = _kernel_forward(
+        _, mean, variance, reserve = _kernel_forward(
             x4, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
         )
         correction = transform.renorm_correction(mean, variance, epsilon, renorm)
         scale, offset = transform.corrected_params(gamma, beta, correction)
-        x_hat = tf.reshape(tf.cast(x_hat4, tf.float32), tf.shape(x3))
-        y3 = tf.cast(x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat), x3.dtype)
+        y4, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x4,
+            scale=scale,
+            offset=offset,
+            mean=mean,
+            variance=variance,
+            epsilon=epsilon,
+            data_format=layout,
+            is_training=False,
+        )
+        y3 = tf.reshape(y4, tf.shape(x3))
 
         def grad(dy3, d_mean, d_variance):
             del d_mean, d_variance  # statistics feed only the moving averages
@@ -256,7 +273,7 @@ def _xla_backward(dy3, x3, mean, variance, gamma, epsilon, correction):
     dx, d_gamma, d_beta = _params_and_input_grads(
         dy, x_hat, variance, gamma, epsilon, sum_dy, sum_dy_x_hat, _count(x), correction
     )
-    d_gamma, d_beta = (_summed_over_ghost_batches(v, x) for v in (d_gamma, d_beta))
+    d_gamma, d_beta = _summed_over_ghost_batches(d_gamma, d_beta, x)
     return tf.cast(dx, x3.dtype), d_gamma, d_beta
 
 
