@@ -20,8 +20,7 @@ from absl import logging as absl_logging
 
 from keras_bn import _native_stderr
 
-ENV = _native_stderr.ENV
-wanted = _native_stderr.wanted
+wanted = _native_stderr.wanted  # The command line's check (`quiet.wanted`), defined once.
 
 
 def silence_native_stderr() -> None:
