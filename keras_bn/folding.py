@@ -371,8 +371,7 @@ def _fold_sequential(model):
             folds[id(producer)] = bn
     converter = _Converter(folds)
     new_layers = [new for new in map(converter.convert, layers) if new is not None]
-    inputs = keras.Input(batch_shape=model_input.shape, dtype=model_input.dtype)
-    new_model = keras.Sequential([inputs] + new_layers, name=model.name)
+    new_model = keras.Sequential([fresh_inputs(model_input)] + new_layers, name=model.name)
     if model.compiled:  # As keras.models.clone_model does for Functional models.
         new_model.compile_from_config(model.get_compile_config())
     converter.assign_weights()

@@ -1,4 +1,5 @@
-"""What `fold_batch_norm` and `convert_model` need to rebuild a Keras model's layer graph."""
+"""Walking and rebuilding a Keras model's layer graph (`fold_batch_norm`, `convert_model`, and
+the population-statistics pass's search for BN layers)."""
 
 import keras
 from keras.src.models.functional import Functional  # The class has no public name.

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bn.layer import BatchNormalization
+from keras_bn.model_graph import sublayers
 
 ESTIMATORS = ("paper", "pooled")
 
@@ -134,8 +135,7 @@ def _bn_layers(model):
             f"`model` must be a Keras model or layer; got {type(model).__name__}. Pass the model "
             "whose BatchNormalization layers should receive population statistics."
         )
-    # Keras has no public recursive layer walk; `_flatten_layers` is what Keras itself uses.
-    layers = model._flatten_layers(include_self=True, recursive=True)
+    layers = [model, *sublayers(model)]
     ours = [layer for layer in layers if isinstance(layer, BatchNormalization)]
     theirs = [
         layer
