@@ -202,25 +202,24 @@ def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
 # ---- XLA formulation. The Python helpers below are traced into each compiled function.
 
 
-def _affine(x, mean, variance, gamma, beta, epsilon):
-    """gamma * (x - mean) / sqrt(variance + epsilon) + beta, for length-C statistics."""
-    multiplier, offset = transform.scale_and_offset(mean, variance, gamma, beta, epsilon)
-    return x * _per_channel(multiplier, x) + _per_channel(offset, x)
-
-
 def _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm):
-    """The transform with renorm's correction (if any): ``(y, correction)``."""
-    correction = (
-        None if renorm is None else transform.renorm_correction(mean, variance, epsilon, renorm)
+    """The transform with renorm's correction (if any), for length-C statistics:
+    ``(y, correction)``."""
+    multiplier, offset, correction = transform.training_scale_and_offset(
+        mean, variance, gamma, beta, epsilon, renorm
     )
-    gamma, beta = transform.corrected_params(gamma, beta, correction)
-    return _affine(x, mean, variance, gamma, beta, epsilon), correction
+    return x * _per_channel(multiplier, x) + _per_channel(offset, x), correction
+
+
+def _normalized(x, mean, variance, epsilon):
+    """``x_hat = (x - mean) / sqrt(variance + epsilon)`` for length-C statistics."""
+    return (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
 
 
 def _grad_sums(dy, x, mean, variance, epsilon):
     """(sum dy, sum dy * x_hat) per channel: dbeta and dgamma, the two reductions dx needs."""
     axes = _reduction_axes(x)
-    x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    x_hat = _normalized(x, mean, variance, epsilon)
     return tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes), x_hat
 
 
@@ -351,7 +350,7 @@ def _xla_local_grad_sums(dy3, x3, mean, variance, epsilon, correction):
 @tf.function(jit_compile=True)
 def _xla_synced_input_grad(dy3, x3, mean, variance, gamma, epsilon, sums, n, correction):
     x, dy = tf.cast(x3, tf.float32), tf.cast(dy3, tf.float32)
-    x_hat = (x - _per_channel(mean, x)) * _per_channel(tf.math.rsqrt(variance + epsilon), x)
+    x_hat = _normalized(x, mean, variance, epsilon)
     scale = transform.corrected_scale(gamma, correction)
     # Without a mask every channel has the same global count.
     dx = _input_grad(

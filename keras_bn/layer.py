@@ -438,15 +438,12 @@ class BatchNormalization(keras.layers.Layer):
             axes, shape = ghosts.reduction_axes(axes), ghosts.broadcast_shape(shape)
         batch = moments_lib.batch_moments(x, axes, mask, replicas)
         epsilon = tf.constant(self.epsilon, x.dtype)
-        renorm = self._renorm_state(shape)
-        correction = (
-            None
-            if renorm is None
-            else transform.renorm_correction(batch.mean, batch.variance, epsilon, renorm)
-        )
-        gamma, beta = transform.corrected_params(*self._params(x.dtype, shape), correction)
-        multiplier, offset = transform.scale_and_offset(
-            batch.mean, batch.variance, gamma, beta, epsilon
+        multiplier, offset, _ = transform.training_scale_and_offset(
+            batch.mean,
+            batch.variance,
+            *self._params(x.dtype, shape),
+            epsilon,
+            self._renorm_state(shape),
         )
         outputs = x * multiplier + offset
         if ghosts is not None:

@@ -43,13 +43,27 @@ def scale_and_offset(mean, variance, gamma, beta, epsilon):
     return multiplier, beta - mean * multiplier
 
 
-def renorm_correction(mean, variance, epsilon, renorm: Renorm):
+def training_scale_and_offset(mean, variance, gamma, beta, epsilon, renorm: Renorm | None):
+    """Alg. 1 with the batch statistics as ``x * m + c``: ``(m, c, correction)``.
+
+    ``correction`` is renorm's ``(r, d)`` (None without renorm), which the backward pass needs.
+    """
+    correction = renorm_correction(mean, variance, epsilon, renorm)
+    multiplier, offset = scale_and_offset(
+        mean, variance, *corrected_params(gamma, beta, correction), epsilon
+    )
+    return multiplier, offset, correction
+
+
+def renorm_correction(mean, variance, epsilon, renorm: Renorm | None):
     """The renorm paper's ``r = clip(sigma_B / sigma)`` and ``d = clip((mu_B - mu) / sigma)``,
-    with no gradient.
+    with no gradient; None when ``renorm`` is None (plain Batch Normalization).
 
     ``sigma_B = sqrt(variance + epsilon)``; ``sigma`` is floored at ``sqrt(epsilon)`` so a zero
     initial stddev cannot divide by zero (as Keras does).
     """
+    if renorm is None:
+        return None
     epsilon = tf.cast(epsilon, mean.dtype)
     sigma = tf.maximum(tf.cast(renorm.stddev, mean.dtype), tf.sqrt(epsilon))
     rmin, rmax, dmax = tf.unstack(tf.cast(renorm.clipping, mean.dtype))
