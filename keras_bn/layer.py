@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
@@ -89,8 +91,9 @@ class BatchNormalization(keras.layers.Layer):
             ``n/(n-1)`` times the batch variance.
         fused: How the training transform is computed when the feature axes are a contiguous
             block first or last and there is no mask. ``None`` (default): TensorFlow's
-            FusedBatchNormV3 kernel when a GPU is visible, an XLA-compiled fused formulation on
-            CPUs (faster there). ``True``: always FusedBatchNormV3 (needs
+            FusedBatchNormV3 kernel, except inside an XLA-compiled step on a CPU (where an
+            XLA fused formulation fuses with its neighbours) or for ``epsilon < 1.001e-5``
+            (which the kernel refuses). ``True``: always FusedBatchNormV3 (needs
             ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops. Across replicas, and for
             ghost batches (feature axes last), the fused path is always the XLA formulation.
             All give the same results to float rounding.
@@ -409,10 +412,7 @@ class BatchNormalization(keras.layers.Layer):
         batch :class:`Moments` the moving statistics move toward (global when synced)."""
         replicas = moments_lib.multi_replica_context()
         synced = replicas if self.synchronized else None
-        fusable = self._can_fuse(inputs) and (
-            self.virtual_batch_size is None or self._fused_layout == "NHWC"
-        )
-        if mask is None and fusable:
+        if mask is None and self._can_fuse(inputs):
             outputs, batch = self._fused_training(inputs, synced)
         else:
             outputs, batch = self._training_transform(inputs, mask, synced)
@@ -451,9 +451,12 @@ class BatchNormalization(keras.layers.Layer):
         return outputs, batch
 
     def _can_fuse(self, inputs):
+        """Whether the fused paths handle these inputs (masks aside); ghost batches only with
+        the feature axes last."""
         return (
             self.fused is not False
             and self._fused_layout is not None
+            and (self.virtual_batch_size is None or self._fused_layout == "NHWC")
             and inputs.dtype in fused_lib.SUPPORTED_DTYPES
             and self._statistics_dtype == "float32"
         )
@@ -461,9 +464,7 @@ class BatchNormalization(keras.layers.Layer):
     def _fused_training(self, inputs, replicas=None):
         """The training transform as one fused computation (keras_bn.fused), for any rank;
         over the global batch when ``replicas`` (a replica context) is given."""
-        channels = 1
-        for d in self._param_shape:
-            channels *= d
+        channels = math.prod(self._param_shape)
         gamma = tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels])
         beta = tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels])
         args = (
@@ -504,14 +505,13 @@ class BatchNormalization(keras.layers.Layer):
         return outputs, batch
 
     def _fused_implementation(self):
-        if self.fused is True:
+        """``fused=True``: the kernel; ``None``: the default, or XLA where the kernel refuses
+        epsilon (``fused=False`` never takes the fused path)."""
+        if self.fused:
             return "kernel"
-        if self.fused is None:
-            implementation = fused_lib.default_implementation()
-            if implementation == "kernel" and self.epsilon < fused_lib.KERNEL_MIN_EPSILON:
-                return "xla"
-            return implementation
-        raise AssertionError("unreachable: fused=False never takes the fused path")
+        if self.epsilon < fused_lib.KERNEL_MIN_EPSILON:
+            return "xla"
+        return fused_lib.default_implementation()
 
     # ------------------------------------------------------------------- moving statistics
 
