@@ -8,12 +8,15 @@ are interleaved within each repetition so machine noise hits all of them alike.
     python benchmarks/layer_step.py            # all shapes, ~3 minutes on 2 CPU cores
     python benchmarks/layer_step.py --repeats 50 --shapes 32,28,28,192
     python benchmarks/layer_step.py --suite renorm ghost --shapes 32,28,28,192 4096,1024
+    python benchmarks/layer_step.py --suite fused
 
 Suites: ``bn`` (plain BN: ours, Keras 3, tf_keras), ``renorm`` (Batch Renormalization: ours
 against Keras 3's ``renorm=True``), ``ghost`` (ghost batches of a quarter of the batch: ours
-against tf_keras's ``virtual_batch_size``).
+against tf_keras's ``virtual_batch_size``), ``fused`` (our layer with each fused implementation
+forced: FusedBatchNormV3 against the XLA formulation; what ``keras_bn.fused``'s default rests on).
 
-Prints the median milliseconds per step and the ratio ours/theirs (below 1 = we are faster).
+Prints the median milliseconds per step and the ratio of the first column to each other one
+(below 1 = the first is faster).
 Targets (2-core CPU): ``bn``: ours <= 0.6x Keras 3 without XLA on the 4-D shapes, <= 1.0x with
 XLA and on the dense shape; ``renorm``: <= 0.6x Keras 3 without XLA, <= 1.0x with XLA;
 ``ghost``: <= 1.0x tf_keras.
@@ -37,8 +40,16 @@ import keras_bn  # noqa: E402
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
 
 
+class XlaFormulationBN(keras_bn.BatchNormalization):
+    """Our layer with the fused path forced to the XLA formulation (no public switch: the
+    default picks it only inside XLA-compiled steps on CPUs)."""
+
+    def _fused_implementation(self):
+        return "xla"
+
+
 def _implementations(suite, batch):
-    """{name: layer factory}; the first is ours, the second the anchor of the ratio."""
+    """{name: layer factory}; the first is ours, the others the anchors of the ratios."""
     try:
         import tf_keras
     except ImportError:
@@ -47,6 +58,11 @@ def _implementations(suite, batch):
         return {
             "keras_bn": lambda: keras_bn.BatchNormalization(renorm=True),
             "keras3": lambda: keras.layers.BatchNormalization(renorm=True),
+        }
+    if suite == "fused":
+        return {
+            "kernel": lambda: keras_bn.BatchNormalization(fused=True),
+            "xla": XlaFormulationBN,
         }
     if suite == "ghost":
         if tf_keras is None:
@@ -102,19 +118,21 @@ def main(argv=None):
     parser.add_argument(
         "--shapes", nargs="*", default=DEFAULT_SHAPES, help="comma-separated shapes, channels last"
     )
-    parser.add_argument("--suite", nargs="*", default=["bn"], choices=["bn", "renorm", "ghost"])
+    parser.add_argument(
+        "--suite", nargs="*", default=["bn"], choices=["bn", "renorm", "ghost", "fused"]
+    )
     args = parser.parse_args(argv)
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
         f"{os.cpu_count()} CPUs, median of {args.repeats} steps"
     )
     for suite in args.suite:
-        names = list(_implementations(suite, 4))
-        anchors = [n for n in names if n != "keras_bn"]
+        ours, *anchors = names = list(_implementations(suite, 4))
+        label = "ours" if ours == "keras_bn" else ours
         print(
             f"{'suite':<8}{'shape':<18}{'xla':<6}"
             + "".join(f"{n + ' ms':>14}" for n in names)
-            + "".join(f"{'ours/' + n:>15}" for n in anchors)
+            + "".join(f"{label + '/' + n:>15}" for n in anchors)
         )
         for spec in args.shapes:
             shape = tuple(int(d) for d in spec.split(","))
@@ -122,7 +140,7 @@ def main(argv=None):
                 ms = bench(shape, jit, args.repeats, suite)
                 row = f"{suite:<8}{str(shape):<18}{str(jit):<6}"
                 row += "".join(f"{v:>14.2f}" for v in ms.values())
-                row += "".join(f"{ms['keras_bn'] / ms[n]:>15.2f}" for n in anchors)
+                row += "".join(f"{ms[ours] / ms[n]:>15.2f}" for n in anchors)
                 print(row, flush=True)
 
 
