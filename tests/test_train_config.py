@@ -204,10 +204,10 @@ def test_identity_ignores_fields_that_do_not_change_the_trajectory():
 @pytest.mark.parametrize(
     "preset, explicit, in_memory, expected",
     [
-        ("mnist_bn", {}, None, True),  # what the presets say is what runs
+        ("mnist_bn", {}, None, True),  # default (auto): XLA for the in-memory path ...
+        ("mnist_bn", {}, False, False),  # ... and none for tf.data
         ("mnist_bn", {"jit_compile": False}, None, False),  # honoured by the in-memory loop
-        (None, {}, None, True),  # default: XLA for the in-memory path ...
-        (None, {}, False, False),  # ... and none for tf.data
+        (None, {}, None, True),
         (None, {"jit_compile": True}, False, True),
     ],
 )

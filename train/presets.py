@@ -136,7 +136,6 @@ _MNIST_COMMON = dict(
     momentum=0.0,
     lr_decay_rate=1.0,
     lr_decay_epochs=0.0,
-    jit_compile=True,  # what the in-memory path runs by default: one XLA loop per block of steps
 )
 
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(
