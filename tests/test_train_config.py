@@ -199,3 +199,35 @@ def test_identity_ignores_fields_that_do_not_change_the_trajectory():
     assert a.identity() != c.identity()
     assert "train_steps" not in a.identity() and "learning_rate" in a.identity()
     assert json.loads(a.to_json())["model_kwargs"] == {"batch_norm": True, "init_stddev": 0.01}
+
+
+@pytest.mark.parametrize(
+    "preset, explicit, in_memory, expected",
+    [
+        ("mnist_bn", {}, None, True),  # default (auto): XLA for the in-memory path ...
+        ("mnist_bn", {}, False, False),  # ... and none for tf.data
+        ("mnist_bn", {"jit_compile": False}, None, False),  # honoured by the in-memory loop
+        (None, {}, None, True),
+        (None, {"jit_compile": True}, False, True),
+    ],
+)
+def test_jit_compile_is_what_the_trainer_compiles_with(
+    tmp_path, preset, explicit, in_memory, expected
+):
+    import tensorflow as tf
+
+    from keras_bn.train.data import make_data
+    from keras_bn.train.run_dir import RunDir
+    from keras_bn.train.trainer import Trainer
+
+    config = config_lib.resolve(preset, {"model_dir": str(tmp_path), **explicit})
+    trainer = Trainer(
+        config,
+        tf.distribute.get_strategy(),
+        make_data(config),
+        RunDir(tmp_path),
+        in_memory=in_memory,
+    )
+    assert trainer.jit_compile is expected
+    if trainer.in_memory:
+        assert trainer._make_train_fn()._jit_compile is expected

@@ -7,7 +7,8 @@ import pytest
 
 from keras_bn.train import __main__ as main_module
 from keras_bn.train import figure1
-from keras_bn.train.__main__ import FIGURE1_ARGUMENTS, cli
+from keras_bn.train.__main__ import cli
+from keras_bn.train.experiment import FIGURE1_ARGUMENTS
 
 
 @pytest.fixture

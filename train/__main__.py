@@ -30,7 +30,7 @@ from absl import flags as absl_flags
 from keras_bn.train import config as config_lib
 from keras_bn.train import experiment, quiet
 from keras_bn.train import flags as train_flags
-from keras_bn.train.experiment import FIGURE1_ARGUMENTS, PROG  # noqa: F401 - public names
+from keras_bn.train.experiment import PROG
 
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)

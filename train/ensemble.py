@@ -2,9 +2,10 @@
 
 The paper's ensemble "is based on the arithmetic averaging of class probabilities predicted by
 the constituent networks", each evaluated on the same multi-crop views (`keras_bn.train.crops`).
-Every model's probabilities are first averaged over the views of an image, then over the
-models; with equal view counts that is the mean over all (model, view) pairs. The views are cut
-once per batch and shared by the models.
+Every view's probabilities are averaged over the models, then over the views of an image:
+with equal view counts that is the mean over all (model, view) pairs, the same as averaging each
+model over the views first. So an ensemble is evaluated as one model (`mean_probability_fn`) by
+the crops module's own functions; the views are cut once per batch and shared by the models.
 
 Example:
 
@@ -24,6 +25,38 @@ from collections.abc import Callable, Iterable, Sequence
 import tensorflow as tf
 
 from keras_bn.train import crops, preprocessing
+
+
+def mean_probability_fn(
+    probabilities: Sequence[Callable[[tf.Tensor], tf.Tensor]],
+) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The ensemble as one model: the mean of its members' class probabilities on each input.
+
+    Averaging over the models for each view, then over the views, is the mean over all
+    (model, view) pairs, so `crops.average_over_views` and `crops.crop_accuracy` evaluate an
+    ensemble exactly as they evaluate one model.
+
+    Args:
+        probabilities: one `crops.probability_fn` per model.
+
+    Raises:
+        ValueError: if there is no model, or (when called) the models disagree on the number
+            of classes.
+    """
+    if not probabilities:
+        raise ValueError("An ensemble needs at least one model; received none.")
+
+    def mean(x):
+        outputs = [fn(x) for fn in probabilities]
+        classes = sorted({str(p.shape[-1]) for p in outputs})
+        if len(classes) != 1:
+            raise ValueError(
+                f"The ensemble's models predict different numbers of classes ({classes}); every "
+                "member must have the same output layer."
+            )
+        return tf.reduce_mean(tf.stack(outputs, axis=0), axis=0)
+
+    return mean
 
 
 def ensemble_probabilities(
@@ -57,20 +90,12 @@ def ensemble_probabilities(
     >>> np.round(ensemble_probabilities([a, b], np.zeros((1, 8, 8)), 7, 1).numpy(), 2)
     array([[0.55, 0.45]], dtype=float32)
     """
-    if not probabilities:
-        raise ValueError("An ensemble needs at least one model; received none.")
-    image_views = crops.crop_views(images, crop_size, num_crops)
-    per_model = [
-        crops.average_over_views(fn, image_views, preprocess, predict_batch_size)
-        for fn in probabilities
-    ]
-    classes = sorted({int(p.shape[-1]) for p in per_model})
-    if len(classes) != 1:
-        raise ValueError(
-            f"The ensemble's models predict different numbers of classes ({classes}); every "
-            "member must have the same output layer."
-        )
-    return tf.reduce_mean(tf.stack(per_model, axis=0), axis=0)
+    return crops.average_over_views(
+        mean_probability_fn(probabilities),
+        crops.crop_views(images, crop_size, num_crops),
+        preprocess,
+        predict_batch_size,
+    )
 
 
 def ensemble_accuracy(
@@ -86,7 +111,8 @@ def ensemble_accuracy(
 ) -> float:
     """Top-1 accuracy of the ensemble of `models` on `num_crops` views per image.
 
-    A one-model ensemble gives exactly `crops.crop_accuracy` of that model.
+    The ensemble is evaluated as one model (`mean_probability_fn`) by `crops.crop_accuracy`; a
+    one-model ensemble gives exactly `crops.crop_accuracy` of that model.
 
     Args:
         models: the members; each as `crops.probability_fn` takes it.
@@ -103,13 +129,14 @@ def ensemble_accuracy(
 
     Example: see the module docstring.
     """
-    if not models:
-        raise ValueError("An ensemble needs at least one model; received none.")
-    probabilities = [crops.probability_fn(model, from_logits) for model in models]
-
-    def probabilities_of(images):
-        return ensemble_probabilities(
-            probabilities, images, crop_size, num_crops, preprocess, predict_batch_size
-        )
-
-    return crops.top1_accuracy(probabilities_of, batches, progress)
+    mean = mean_probability_fn([crops.probability_fn(model, from_logits) for model in models])
+    return crops.crop_accuracy(
+        mean,
+        batches,
+        crop_size,
+        num_crops,
+        from_logits=False,
+        preprocess=preprocess,
+        predict_batch_size=predict_batch_size,
+        progress=progress,
+    )

@@ -9,11 +9,12 @@ the same weights as an uninterrupted run.
 
 Two input paths give the same batches in the same order. Data held in memory (the packaged
 MNIST, no augmentation) on an unreplicated strategy: each block of up to `steps_per_loop` steps
-is ONE XLA-compiled `tf.while_loop` that gathers its batches from the in-memory tensors by the
-indices of `Data.train_indices` (always XLA: fusing the gather, the step and the loop is what
-makes it fast; evaluation is an in-memory XLA loop too). Everything else, and every
-replicated strategy (Mirrored, MultiWorkerMirrored, TPU): a distributed tf.data pipeline and
-`strategy.run` per step, compiled with XLA when `config.jit_compile`.
+is ONE compiled `tf.while_loop` that gathers its batches from the in-memory tensors by the
+indices of `Data.train_indices` (evaluation is an in-memory loop too). Everything else, and
+every replicated strategy (Mirrored, MultiWorkerMirrored, TPU): a distributed tf.data pipeline
+and `strategy.run` per step. Both compile with XLA when `config.jit_compile`; its default (None)
+means XLA for the in-memory path, where fusing the gather, the step and the loop is what makes
+it fast, and none for tf.data.
 
 The loss is softmax cross-entropy on the model's logits, averaged over the GLOBAL batch on each
 replica (`tf.nn.compute_average_loss`), plus the model's regularization losses divided by the
@@ -180,11 +181,12 @@ class Trainer:
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
         self._summary_fns: dict[tuple, Any] = {}
-        # Batches gathered from in-memory tensors inside one XLA loop per block of steps, or
+        # Batches gathered from in-memory tensors inside one compiled loop per block of steps, or
         # read through tf.data: the same batches in the same order (Data.train_indices).
         self.in_memory = data.in_memory and not isinstance(strategy, _REPLICATED)
         if in_memory is not None:
             self.in_memory = self.in_memory and in_memory
+        self.jit_compile = self.in_memory if config.jit_compile is None else config.jit_compile
         if data.in_memory and not self.in_memory and chief and config.verbose:
             print(
                 f"Reading batches through tf.data: the in-memory path runs without replication "
@@ -298,12 +300,11 @@ class Trainer:
                 n = tf.shape(indices)[0]
                 return tf.while_loop(lambda i, _: i < n, body, (0, tf.zeros([3])))[1]
 
-            # Always XLA: fusing the gather, the step and the loop is what makes this path fast.
             signature = [tf.TensorSpec([None, self.config.batch_size], tf.int64)]
-            return tf.function(train_block, input_signature=signature, jit_compile=True)
+            return tf.function(train_block, input_signature=signature, jit_compile=self.jit_compile)
 
         replica_step = self._replica_train_step
-        if self.config.jit_compile:
+        if self.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
         @tf.function
@@ -341,7 +342,7 @@ class Trainer:
                 count = min(count, self.config.eval_steps * size)
             full = count // size
 
-            @tf.function(jit_compile=True)
+            @tf.function(jit_compile=self.jit_compile)
             def summed(x, y):  # (batches, size, ...): one evaluation batch per row
                 def body(i, totals):
                     per_replica = strategy.run(replica_step, args=((preprocess(x[i]), y[i]),))
@@ -350,7 +351,7 @@ class Trainer:
                 return tf.while_loop(lambda i, _: i < tf.shape(x)[0], body, (0, tf.zeros([4])))[1]
 
             # The batches of `Data.eval_dataset`, summed in the same order: the full ones in
-            # one XLA loop, then the smaller last one (a second, static shape).
+            # one loop, then the smaller last one (a second, static shape).
             blocks = [(images[: full * size], labels[: full * size], full)]
             if count > full * size:
                 blocks.append((images[full * size : count], labels[full * size : count], 1))
