@@ -3,6 +3,8 @@
 Examples::
 
     keras-bn-train --experiment=figure1 --model_dir=runs/figure1      # the paper's Figure 1
+    keras-bn-train --experiment=table2 --model_dir=runs/table2        # Figure 2 / Table 2, mini
+    keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b --eval_crops=1,144
     keras-bn-train --preset=mnist_bn --model_dir=runs/mnist_bn --population_stats=100 \\
         --export_dir=runs/mnist_bn/export
     keras-bn-train --preset=bn_x30 --data_dir=~/tensorflow_datasets --model_dir=runs/bn_x30
@@ -58,10 +60,16 @@ def _dispatch() -> dict:
     """Runs what the flags ask for and reports it; every failure ends in `fail`."""
     started = time.perf_counter()
     try:
+        given = {name: FLAGS[name].value for name in train_flags.present(FLAGS)}
         if FLAGS.experiment == "figure1":
-            given = {name: FLAGS[name].value for name in train_flags.present(FLAGS)}
             result = experiment.figure1(FLAGS.model_dir, given)
             _report_figure1(result, time.perf_counter() - started)
+        elif FLAGS.experiment == "table2":
+            result = experiment.table2(given)
+            _report_table2(result)
+        elif FLAGS.experiment == "evaluate":
+            result = experiment.evaluate(given)
+            _report_crops(result)
         else:
             explicit = train_flags.explicit_values(FLAGS)
             try:
@@ -87,6 +95,40 @@ def _report_figure1(result: dict, seconds: float) -> None:
     print(
         f"{PROG}: figure1 done in {seconds:.1f} s: {', '.join(parts)}; outputs in "
         f"{FLAGS.model_dir} ({result.get('figure')})",
+        flush=True,
+    )
+
+
+def _report_table2(result: dict) -> None:
+    table = result["table"]
+    parts = [
+        f"{row['label']} best {row['best_accuracy']:.4f}"
+        + (
+            f", Inception's best at step {row['steps_to_inception_best']}"
+            if row["steps_to_inception_best"] is not None
+            else ", never at Inception's best"
+        )
+        for row in table.values()
+    ]
+    print(
+        f"{PROG}: table2 done in {result['wall_seconds'] / 60:.1f} min: "
+        + "; ".join(parts)
+        + f" - outputs in {FLAGS.model_dir} ({result['outputs']['figure2.png']}, "
+        f"{result['outputs']['summary.md']})",
+        flush=True,
+    )
+
+
+def _report_crops(result: dict) -> None:
+    parts = [
+        f"{n} crop(s) "
+        + "/".join(f"{a:.4f}" for a in accuracy["models"])
+        + (f", ensemble {accuracy['ensemble']:.4f}" if len(accuracy["models"]) > 1 else "")
+        for n, accuracy in result["accuracy"].items()
+    ]
+    print(
+        f"{PROG}: top-1 accuracy on {result['images']} images of "
+        f"{','.join(result['model_dirs'])}: " + "; ".join(parts),
         flush=True,
     )
 

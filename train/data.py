@@ -195,6 +195,19 @@ class Data:
             ds = ds.take(self.config.eval_steps)
         return _finish(ds)
 
+    def raw_eval_batches(self, max_images: int | None = None):
+        """The evaluation images as raw pixels with their labels, in evaluation order.
+
+        For views the model's preprocessing does not make (`keras_bn.train.evaluation`'s
+        crops). Batches of `eval_batch_size` images; one image per batch where image sizes
+        differ (TFDS). `max_images` (default: the images `eval_dataset` gives) in all.
+        """
+        size = self.config.eval_batch_size or self.config.batch_size
+        limit = self.config.eval_steps * size if self.config.eval_steps else None
+        if max_images is not None:
+            limit = max_images if limit is None else min(limit, max_images)
+        return self._source.raw_eval(size, limit)
+
     def stats_dataset(self, steps: int) -> tf.data.Dataset:
         """`steps` fresh training batches (after the last training step), for Alg. 2."""
         return self.train_dataset(start_step=self.config.train_steps, num_steps=steps)
@@ -281,6 +294,9 @@ class _Source:
     def eval_examples(self, batch_size: int, preprocess_batch, eval_example) -> tf.data.Dataset:
         raise NotImplementedError
 
+    def raw_eval(self, batch_size: int, limit: int | None):
+        raise ValueError(f"{type(self).__name__[1:]} data has no raw images to crop.")
+
 
 class _InMemory(_Source):
     """Arrays held in memory (the packaged MNIST)."""
@@ -296,6 +312,13 @@ class _InMemory(_Source):
             images, labels = self._splits[split]
             self._tensors[split] = (tf.constant(images), tf.constant(labels, tf.int32))
         return self._tensors[split]
+
+    def raw_eval(self, batch_size, limit):
+        images, labels = self.arrays("eval")
+        count = len(labels) if limit is None else min(limit, len(labels))
+        for start in range(0, count, batch_size):
+            end = min(start + batch_size, count)
+            yield images[start:end], labels[start:end]
 
     def train_examples(self, seed, position, config, count):
         images, labels = self.arrays("train")
@@ -336,6 +359,11 @@ class _Tfds(_Source):
         ]
         ds = functools.reduce(tf.data.Dataset.concatenate, epochs).skip(offset)
         return ds.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def raw_eval(self, batch_size, limit):
+        ds = self._eval.take(-1 if limit is None else limit).map(self._decode)
+        shape = self._image_feature.shape
+        return iter(ds.batch(batch_size if None not in shape[:2] else 1))
 
     def eval_examples(self, batch_size, preprocess_batch, eval_example):
         ds = self._eval.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)

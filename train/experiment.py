@@ -19,11 +19,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import keras
@@ -50,6 +51,20 @@ FIGURE1_ARGUMENTS = {
     "binarize": "binarize",
     "verbose": "verbose",
 }
+# --experiment=table2 takes these flags (the fields of keras_bn.train.table2.Options).
+TABLE2_ARGUMENTS = (
+    "model_dir",
+    "dataset",
+    "data_dir",
+    "train_steps",
+    "eval_every",
+    "eval_steps",
+    "model_kwargs",
+    "seed",
+    "ensemble_size",
+    "eval_crops",
+    "verbose",
+)
 
 
 class RunError(Exception):
@@ -65,7 +80,12 @@ class RunError(Exception):
         self.status = status
 
 
-def train(config: TrainConfig, explicit: Collection[str] = (), cpu_replicas: int = 0) -> dict:
+def train(
+    config: TrainConfig,
+    explicit: Collection[str] = (),
+    cpu_replicas: int = 0,
+    on_evaluate: Callable[[int, dict], dict | None] | None = None,
+) -> dict:
     """One training run: prepare, train, finish.
 
     Args:
@@ -73,6 +93,7 @@ def train(config: TrainConfig, explicit: Collection[str] = (), cpu_replicas: int
         explicit: the settings given explicitly (marked in the printed configuration and
             recorded in config.json).
         cpu_replicas: split the CPU into this many logical devices first (`--cpu_replicas`).
+        on_evaluate: passed to `Trainer.train` (an experiment's hook after each evaluation).
 
     Returns:
         The run's summary, as written to summary.json.
@@ -105,7 +126,9 @@ def train(config: TrainConfig, explicit: Collection[str] = (), cpu_replicas: int
                 run_dir.commit()
                 print(f"Resuming {run_dir.path} from {found.path} (step {start}).", flush=True)
             try:
-                record = trainer.train(on_checkpoint=lambda step: run_dir.commit())
+                record = trainer.train(
+                    on_checkpoint=lambda step: run_dir.commit(), on_evaluate=on_evaluate
+                )
                 run_dir.commit()
                 return _finish(config, trainer, data, run_dir, record, started)
             except KeyboardInterrupt:
@@ -255,12 +278,7 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
         RunError: for a flag figure1 does not use, a folder holding another run, a failing
             experiment (nothing is left in `model_dir`) or Ctrl-C (status 130).
     """
-    unused = [n for n in given if n not in (*FIGURE1_ARGUMENTS, "model_dir", "experiment")]
-    if unused:
-        raise RunError(
-            f"--experiment=figure1 does not use {', '.join('--' + n for n in unused)}; it takes "
-            f"--model_dir and {', '.join('--' + n for n in FIGURE1_ARGUMENTS)}."
-        )
+    _check_flags("figure1", given, FIGURE1_ARGUMENTS)
     if not model_dir:
         raise RunError(
             "--model_dir is required (the folder for figure1.png, the curves and the summary)."
@@ -292,3 +310,97 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
             status=130,
         ) from None
     return result
+
+
+def table2(given: Mapping[str, Any]) -> dict:
+    """`--experiment=table2`: the paper's Figure 2, Table 2 and section 4.3, in `--model_dir`.
+
+    Args:
+        given: flag name -> value for every flag given explicitly; the ones in
+            `TABLE2_ARGUMENTS` set `keras_bn.train.table2.Options`, any other (but
+            `--experiment`) is refused.
+
+    Returns:
+        What `keras_bn.train.table2.run_table2` returns.
+
+    Raises:
+        RunError: for a flag table2 does not use, a folder holding another experiment, a
+            failing run, or Ctrl-C (status 130; the same command resumes).
+    """
+    from keras_bn.train import table2 as table2_lib
+
+    _check_flags("table2", given, TABLE2_ARGUMENTS)
+    if not given.get("model_dir"):
+        raise RunError("--model_dir is required (the folder for the six nets and the outputs).")
+    values = {n: v for n, v in given.items() if n in TABLE2_ARGUMENTS}
+    if "eval_crops" in values:
+        values["eval_crops"] = _crop_counts(values["eval_crops"])
+    options = table2_lib.Options(**values)
+    identity = {"experiment": "table2", **dataclasses.asdict(options)}
+    del identity["verbose"], identity["model_dir"]
+    try:
+        options.check()
+        check_writable(options.model_dir, "--model_dir")
+        run_dir = RunDir(options.model_dir)
+        claim = run_dir.claim(identity, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    except (ValueError, OSError) as error:
+        raise RunError(error) from None
+    try:
+        with claim:
+            try:
+                return table2_lib.run_table2(options)
+            finally:  # keep the folder once any net has a checkpoint to resume from
+                if any(p.is_dir() for p in run_dir.path.glob("*/checkpoints")):
+                    run_dir.commit()
+    except ValueError as error:
+        raise RunError(error) from None
+    except OSError as error:
+        raise RunError(error, status=1) from None
+    except KeyboardInterrupt:
+        raise RunError(
+            "interrupted; run the same command again to resume (each net from its last "
+            "checkpoint).",
+            status=130,
+        ) from None
+
+
+def evaluate(given: Mapping[str, Any]) -> dict:
+    """`--experiment=evaluate`: trained runs on 1, 10 or 144 crops, alone and as an ensemble.
+
+    `--model_dir` names one run or several, comma-separated (an ensemble); `--eval_crops` the
+    crop counts (default 1). Nothing is written.
+
+    Raises:
+        RunError: for a flag it does not use, or a folder that holds no trained run.
+    """
+    from keras_bn.train.evaluation import evaluate_runs
+
+    _check_flags("evaluate", given, ("model_dir", "eval_crops", "verbose"))
+    model_dirs = [d for d in str(given.get("model_dir") or "").split(",") if d]
+    if not model_dirs:
+        raise RunError("--model_dir is required: one trained run, or several separated by commas.")
+    try:
+        crops = _crop_counts(given.get("eval_crops") or ["1"])
+        return evaluate_runs(model_dirs, crops, verbose=given.get("verbose", 1))
+    except ValueError as error:
+        raise RunError(error) from None
+
+
+def _crop_counts(values: Collection[str]) -> tuple[int, ...]:
+    """`--eval_crops` as ints, each one of `keras_bn.train.crops.NUM_CROPS`."""
+    from keras_bn.train.crops import NUM_CROPS
+
+    if not values or any(v.strip() not in {str(n) for n in NUM_CROPS} for v in values):
+        raise RunError(f"--eval_crops takes 1, 10 or 144 (comma-separated), got {list(values)}.")
+    return tuple(int(v) for v in values)
+
+
+def _check_flags(name: str, given: Mapping[str, Any], accepted: Collection[str]) -> None:
+    """Refuses the flags an experiment does not use (one line naming them and the others)."""
+    accepted = [n for n in accepted if n != "model_dir"]
+    unused = [n for n in given if n not in (*accepted, "model_dir", "experiment")]
+    if unused:
+        raise RunError(
+            f"--experiment={name} does not use {', '.join('--' + n for n in unused)}; it takes "
+            f"--model_dir and {', '.join('--' + n for n in accepted)}."
+        )

@@ -31,7 +31,7 @@ from keras_bn.train import config as config_lib
 FLAGS = flags.FLAGS
 
 # Flags that are not settings: what to run and how to lay out the CPU, never saved with a run.
-_CONTROL_FLAGS = ("experiment", "cpu_replicas")
+_CONTROL_FLAGS = ("experiment", "cpu_replicas", "eval_crops", "ensemble_size")
 
 
 class _KeywordsParser(flags.ListParser):
@@ -69,9 +69,28 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_enum(
         "experiment",
         "none",
-        ["none", "figure1"],
+        ["none", "figure1", "table2", "evaluate"],
         "A complete experiment instead of one training run. 'figure1': the paper's Figure 1 "
-        "(MNIST baseline vs BN, 3 panels) written into --model_dir.",
+        "(MNIST baseline vs BN, 3 panels) written into --model_dir. 'table2': the six ImageNet "
+        "nets of section 4.2 (Figure 2, Table 2) and the crop/ensemble evaluation of section 4.3, "
+        "in miniature on MNIST unless --dataset=tfds:imagenet2012. 'evaluate': the trained "
+        "run(s) of --model_dir (comma-separated: an ensemble) on --eval_crops crops.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_list(
+        "eval_crops",
+        None,
+        "--experiment=evaluate|table2: crops per image, comma-separated (section 4.3: 1 "
+        "central, 10 = 5 crops and their mirrors, 144 = GoogLeNet's 4 scales x 3 squares x 6 "
+        "crops x 2; default: 1 for evaluate, 1,10,144 for table2).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "ensemble_size",
+        None,
+        "--experiment=table2: BN-x30 runs (seeds --seed, --seed+1, ...) in the section 4.3 "
+        "ensemble (default: 3).",
+        lower_bound=1,
         flag_values=flag_values,
     )
     hints = typing.get_type_hints(config_lib.TrainConfig)
