@@ -92,11 +92,8 @@ def run_figure1(
 ):
     """Reproduces the paper's Figure 1 and writes the figure, curves and a summary.
 
-    Both nets are trained by `keras_bn.train.trainer.Trainer` with the `mnist_baseline` and
-    `mnist_bn` presets (`keras_bn.models.get("mlp", batch_norm=..., seed=seed,
-    init_stddev=init_stddev)`); with the same seed their weight matrices start equal, and
-    they see the same batches in the same order (the trainer's stream for that seed). Loss:
-    softmax cross-entropy on the logits. Optimizer: SGD(learning_rate), no momentum, no decay.
+    Loss: softmax cross-entropy on the logits. Optimizer: SGD(learning_rate), no momentum, no
+    decay. The module docstring says what is recorded and how.
 
     Args:
         output_dir: folder for the outputs; created if missing. Existing outputs of an
@@ -151,7 +148,6 @@ def run_figure1(
         data = None
         for name in NETS:
             curves[name], data = _train_net(name, settings, pathlib.Path(scratch) / name, data)
-    curves["wall_time_s"] = time.perf_counter() - start  # rewritten below, with the writing
     paths = _write_outputs(output_dir, curves, start)
 
     population = curves["bn"]["final_test_accuracy_population"]
