@@ -209,13 +209,7 @@ class Data:
         )
 
     def _eval_example(self, image: tf.Tensor, label: tf.Tensor):
-        if self.spec.flat:
-            x = preprocessing.flat_inputs(image[tf.newaxis], self.config.binarize)[0]
-        else:
-            x = preprocessing.eval_image(
-                image, self.spec.input_shape[0], self._augment == "inception"
-            )
-        return x, tf.cast(label, tf.int32)
+        return self.preprocess_batch(image[tf.newaxis])[0], tf.cast(label, tf.int32)
 
     def _train_example(self, index: tf.Tensor, image: tf.Tensor, label: tf.Tensor):
         if self._augment != "inception":

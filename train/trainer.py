@@ -59,6 +59,13 @@ _REPLICATED = (
 _PRINTED = (
     "train_loss train_accuracy eval_loss eval_accuracy eval_top5_accuracy steps_per_sec".split()
 )
+# The progress bar's short names of the training metrics (verbose=1).
+_BAR = {
+    "train_loss": "loss",
+    "train_accuracy": "accuracy",
+    "learning_rate": "lr",
+    "steps_per_sec": "steps/s",
+}
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
     data_class=summary_pb2.DATA_CLASS_SCALAR,
@@ -462,9 +469,7 @@ class Trainer:
                 target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
                 print(f"Steps {step}-{target} of {c.train_steps}")
                 progbar = keras.utils.Progbar(
-                    target - step,
-                    unit_name="step",
-                    stateful_metrics=["loss", "accuracy", "lr", "steps/s"],
+                    target - step, unit_name="step", stateful_metrics=list(_BAR.values())
                 )
             chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
             chunk_start = time.perf_counter()
@@ -484,15 +489,8 @@ class Trainer:
             }
             self._summaries("train", step, values)
             if progbar is not None:
-                progbar.update(
-                    step - self._interval.start_step,
-                    [
-                        ("loss", values["train_loss"]),
-                        ("accuracy", values["train_accuracy"]),
-                        ("lr", values["learning_rate"]),
-                        ("steps/s", rate),
-                    ],
-                )
+                bar_values = [(_BAR[key], value) for key, value in values.items()]
+                progbar.update(step - self._interval.start_step, bar_values)
             if step % c.eval_every == 0 or step == c.train_steps:
                 record = self._evaluate_and_record(step, progbar, on_evaluate)
                 progbar = None
