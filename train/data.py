@@ -299,8 +299,7 @@ class _InMemory(_Source):
 class _Tfds(_Source):
     """A prepared TFDS dataset, read with `download=False`; images decoded after shuffling."""
 
-    def __init__(self, name, builder, train, evaluation, image_feature):
-        self.name = name
+    def __init__(self, builder, train, evaluation, image_feature):
         self._builder = builder
         self._train = train
         self._eval = evaluation
@@ -480,7 +479,7 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
         num_train_examples=_cardinality(train, builder, config.train_split),
         num_eval_examples=n_eval if n_eval >= 0 else None,
     )
-    return spec, _Tfds(name, builder, train, evaluation, image_feature)
+    return spec, _Tfds(builder, train, evaluation, image_feature)
 
 
 def _load_synthetic(config: TrainConfig) -> tuple[DataSpec, _Source]:
