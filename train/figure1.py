@@ -401,17 +401,14 @@ def curves_csv(curves):
 def summary_markdown(curves):
     """summary.md: the final accuracies, timings and every setting of the run."""
     c = curves["config"]
-
-    def milestone(record):
-        step = record["first_step_at_milestone"]
-        return "never" if step is None else str(step)
-
     rows = []
     for name, label in (("baseline", "Baseline (no BN)"), ("bn", "BN")):
         r = curves[name]
+        milestone = r["first_step_at_milestone"]
+        milestone = "never" if milestone is None else milestone
         rows.append(
             f"| {label} | {r['final_test_accuracy']:.4f} | {r['best_test_accuracy']:.4f} "
-            f"(step {r['best_step']}) | {milestone(r)} | {r['train_time_s']:.1f} | "
+            f"(step {r['best_step']}) | {milestone} | {r['train_time_s']:.1f} | "
             f"{r['steps_per_s']:.0f} |"
         )
     pop = curves["bn"].get("final_test_accuracy_population")
