@@ -84,9 +84,7 @@ def _steps_present(checkpoint_dir: str) -> dict[int, str]:
     for path in list(state.all_model_checkpoint_paths) if state else []:
         match = re.search(rf"{PREFIX}-(\d+)$", path)
         if match:
-            steps.setdefault(
-                int(match.group(1)), os.path.join(checkpoint_dir, f"{PREFIX}-{match.group(1)}")
-            )
+            steps.setdefault(int(match.group(1)), os.path.join(checkpoint_dir, match.group(0)))
     return steps
 
 

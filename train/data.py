@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -154,7 +153,7 @@ class Data:
         position = start_step * batch_size
         if isinstance(self._source, _Synthetic):
             return self._source.train(batch_size, self.preprocess_batch).take(num_steps)
-        if self._source.in_memory and self._augment == "none":
+        if self.in_memory:
             # Fast path: permute indices, gather whole batches, preprocess vectorized.
             images, labels = self._source.arrays("train")
             indices = _index_stream(len(labels), self.config.seed, position)
@@ -165,7 +164,7 @@ class Data:
             )
         else:
             count = num_steps * batch_size
-            ds = self._source.train_examples(self.config.seed, position, self.config, count)
+            ds = self._source.train_examples(self.config, position, count)
             ds = (
                 ds.take(count)
                 .enumerate(start=position)
@@ -223,13 +222,7 @@ class Data:
         )
 
     def _eval_example(self, image: tf.Tensor, label: tf.Tensor):
-        if self.spec.flat:
-            x = preprocessing.flat_inputs(image[tf.newaxis], self.config.binarize)[0]
-        else:
-            x = preprocessing.eval_image(
-                image, self.spec.input_shape[0], self._augment == "inception"
-            )
-        return x, tf.cast(label, tf.int32)
+        return self.preprocess_batch(image[tf.newaxis])[0], tf.cast(label, tf.int32)
 
     def _train_example(self, index: tf.Tensor, image: tf.Tensor, label: tf.Tensor):
         if self._augment != "inception":
@@ -252,13 +245,10 @@ def _epoch_int_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
 
-def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
-    return tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
-
-
 def epoch_order(n: int, seed: int, epoch) -> tf.Tensor:
     """The order in which epoch `epoch` visits the examples: a permutation of range(n), int64."""
-    return tf.cast(tf.argsort(tf.random.stateless_uniform([n], _epoch_seed(seed, epoch))), tf.int64)
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.cast(tf.argsort(tf.random.stateless_uniform([n], key)), tf.int64)
 
 
 def _index_stream(n: int, seed: int, position: int) -> tf.data.Dataset:
@@ -285,9 +275,7 @@ def _resolve_augment(config: TrainConfig) -> str:
 class _Source:
     in_memory = False
 
-    def train_examples(
-        self, seed: int, position: int, config: TrainConfig, count: int
-    ) -> tf.data.Dataset:
+    def train_examples(self, config: TrainConfig, position: int, count: int) -> tf.data.Dataset:
         """Per-example `(image, label)` for stream positions `position` to `position + count`."""
         raise NotImplementedError
 
@@ -320,9 +308,9 @@ class _InMemory(_Source):
             end = min(start + batch_size, count)
             yield images[start:end], labels[start:end]
 
-    def train_examples(self, seed, position, config, count):
+    def train_examples(self, config, position, count):
         images, labels = self.arrays("train")
-        indices = _index_stream(int(labels.shape[0]), seed, position)
+        indices = _index_stream(int(labels.shape[0]), config.seed, position)
         return indices.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
 
     def eval_examples(self, batch_size, preprocess_batch, eval_example):
@@ -334,8 +322,7 @@ class _InMemory(_Source):
 class _Tfds(_Source):
     """A prepared TFDS dataset, read with `download=False`; images decoded after shuffling."""
 
-    def __init__(self, name, builder, train, evaluation, image_feature):
-        self.name = name
+    def __init__(self, builder, train, evaluation, image_feature):
         self._builder = builder
         self._train = train
         self._eval = evaluation
@@ -344,7 +331,7 @@ class _Tfds(_Source):
     def _decode(self, image, label):
         return self._image_feature.decode_example(image), label
 
-    def train_examples(self, seed, position, config, count):
+    def train_examples(self, config, position, count):
         base = self._train
         n = _cardinality(base, self._builder, config.train_split)
         first_epoch, offset = divmod(position, n)
@@ -353,7 +340,9 @@ class _Tfds(_Source):
         # (under a global seed of 0), so the epochs cannot come from a flat_map over epoch ids.
         epochs = [
             base.shuffle(
-                config.shuffle_buffer, seed=_epoch_int_seed(seed, e), reshuffle_each_iteration=False
+                config.shuffle_buffer,
+                seed=_epoch_int_seed(config.seed, e),
+                reshuffle_each_iteration=False,
             )
             for e in range(first_epoch, last_epoch + 1)
         ]
@@ -411,7 +400,14 @@ def _cardinality(ds: tf.data.Dataset, builder, split: str) -> int:
 # Construction -----------------------------------------------------------------------------
 
 
-def _image_shape(config: TrainConfig, raw_shape: tuple, flat: bool) -> tuple:
+def _spec(config: TrainConfig, name: str, raw_shape: tuple, **counts) -> DataSpec:
+    """The `DataSpec` of images stored as `raw_shape`; `counts` are its class and example counts."""
+    flat = config.model in FLAT_MODELS
+    input_shape = _input_shape(config, raw_shape, flat)
+    return DataSpec(name, raw_shape, input_shape, flat=flat, **counts)
+
+
+def _input_shape(config: TrainConfig, raw_shape: tuple, flat: bool) -> tuple:
     """The model input shape for images stored as `raw_shape`."""
     if flat:
         if any(d is None for d in raw_shape):
@@ -434,18 +430,19 @@ def _load_mnist(config: TrainConfig) -> tuple[DataSpec, _Source]:
 
     train = load_mnist("train")
     evaluation = load_mnist(config.eval_split or "test")
-    flat = config.model in FLAT_MODELS
-    raw_shape = tuple(train[0].shape[1:])
-    spec = DataSpec(
-        name="mnist",
-        raw_shape=raw_shape,
-        input_shape=_image_shape(config, raw_shape, flat),
+    spec = _spec(
+        config,
+        "mnist",
+        tuple(train[0].shape[1:]),
         num_classes=config.num_classes or 10,
         num_train_examples=len(train[1]),
         num_eval_examples=len(evaluation[1]),
-        flat=flat,
     )
     return spec, _InMemory({"train": train, "eval": evaluation})
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
@@ -459,8 +456,9 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
     try:
         builder = tfds.builder(name, data_dir=config.data_dir)
     except Exception as error:  # DatasetNotFoundError and friends: one line, no listing
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DatasetUnavailableError(f"--dataset={config.dataset}: {first}") from error
+        raise DatasetUnavailableError(
+            f"--dataset={config.dataset}: {_first_line(error)}"
+        ) from error
     keys = builder.info.supervised_keys
     if not keys or len(keys) != 2:
         raise DatasetUnavailableError(
@@ -492,28 +490,24 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
         train = load(config.train_split, True)
         evaluation = load(eval_split, False)
     except Exception as error:  # tfds raises AssertionError when the data is not there
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DatasetUnavailableError(
-            f"--dataset={config.dataset} is not available offline ({first}); {how_to}."
+            f"--dataset={config.dataset} is not available offline ({_first_line(error)}); {how_to}."
         ) from error
-    raw_shape = tuple(image_feature.shape)
-    flat = config.model in FLAT_MODELS
     num_classes = config.num_classes or getattr(label_feature, "num_classes", None)
     if not num_classes:
         raise DatasetUnavailableError(
             f"--dataset={config.dataset}: the label has no class count; pass --num_classes."
         )
     n_eval = int(evaluation.cardinality())
-    spec = DataSpec(
-        name=config.dataset,
-        raw_shape=raw_shape,
-        input_shape=_image_shape(config, raw_shape, flat),
+    spec = _spec(
+        config,
+        config.dataset,
+        tuple(image_feature.shape),
         num_classes=int(num_classes),
         num_train_examples=_cardinality(train, builder, config.train_split),
         num_eval_examples=n_eval if n_eval >= 0 else None,
-        flat=flat,
     )
-    return spec, _Tfds(name, builder, train, evaluation, image_feature)
+    return spec, _Tfds(builder, train, evaluation, image_feature)
 
 
 def _load_synthetic(config: TrainConfig) -> tuple[DataSpec, _Source]:
@@ -521,23 +515,15 @@ def _load_synthetic(config: TrainConfig) -> tuple[DataSpec, _Source]:
     raw_shape = (28, 28) if flat else (config.image_size or 224,) * 2 + (3,)
     num_classes = config.num_classes or 10
     eval_batches = config.eval_steps or 2
-    batch = config.eval_batch_size or config.batch_size
-    spec = DataSpec(
-        name="synthetic",
-        raw_shape=raw_shape,
-        input_shape=_image_shape(config, raw_shape, flat),
+    spec = _spec(
+        config,
+        "synthetic",
+        raw_shape,
         num_classes=num_classes,
         num_train_examples=SYNTHETIC_TRAIN_EXAMPLES[flat],
-        num_eval_examples=eval_batches * batch,
-        flat=flat,
+        num_eval_examples=eval_batches * (config.eval_batch_size or config.batch_size),
     )
     return spec, _Synthetic(raw_shape, num_classes, config.seed, eval_batches)
-
-
-_LOADERS: dict[str, Callable[[TrainConfig], tuple[DataSpec, _Source]]] = {
-    "mnist": _load_mnist,
-    "synthetic": _load_synthetic,
-}
 
 
 def make_data(config: TrainConfig) -> Data:
@@ -549,11 +535,11 @@ def make_data(config: TrainConfig) -> Data:
         ValueError: if the dataset does not fit the model (e.g. varying image sizes for the MLP).
     """
     if config.dataset.startswith("tfds:"):
-        spec, source = _load_tfds(config)
-    elif config.dataset in _LOADERS:
-        spec, source = _LOADERS[config.dataset](config)
+        load = _load_tfds
     else:
+        load = {"mnist": _load_mnist, "synthetic": _load_synthetic}.get(config.dataset)
+    if load is None:
         raise ValueError(
             f"--dataset must be mnist, synthetic or tfds:<name>, got {config.dataset!r}."
         )
-    return Data(config, spec, source)
+    return Data(config, *load(config))

@@ -32,10 +32,6 @@ def mean_probability_fn(
 ) -> Callable[[tf.Tensor], tf.Tensor]:
     """The ensemble as one model: the mean of its members' class probabilities on each input.
 
-    Averaging over the models for each view, then over the views, is the mean over all
-    (model, view) pairs, so `crops.average_over_views` and `crops.crop_accuracy` evaluate an
-    ensemble exactly as they evaluate one model.
-
     Args:
         probabilities: one `crops.probability_fn` per model.
 
@@ -111,8 +107,7 @@ def ensemble_accuracy(
 ) -> float:
     """Top-1 accuracy of the ensemble of `models` on `num_crops` views per image.
 
-    The ensemble is evaluated as one model (`mean_probability_fn`) by `crops.crop_accuracy`; a
-    one-model ensemble gives exactly `crops.crop_accuracy` of that model.
+    A one-model ensemble gives exactly `crops.crop_accuracy` of that model.
 
     Args:
         models: the members; each as `crops.probability_fn` takes it.

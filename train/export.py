@@ -71,13 +71,11 @@ def export_saved_model(model: keras.Model, data: Data, export_dir: str | os.Path
 
     archive.add_endpoint("serve", serve, input_signature=[signature])
     archive.write_out(str(tmp), verbose=False)
+    old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
     if export_dir.exists():
-        old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
         os.replace(export_dir, old)
-        os.replace(tmp, export_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, export_dir)
+    os.replace(tmp, export_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return str(export_dir)
 
 

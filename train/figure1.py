@@ -92,11 +92,8 @@ def run_figure1(
 ):
     """Reproduces the paper's Figure 1 and writes the figure, curves and a summary.
 
-    Both nets are trained by `keras_bn.train.trainer.Trainer` with the `mnist_baseline` and
-    `mnist_bn` presets (`keras_bn.models.get("mlp", batch_norm=..., seed=seed,
-    init_stddev=init_stddev)`); with the same seed their weight matrices start equal, and
-    they see the same batches in the same order (the trainer's stream for that seed). Loss:
-    softmax cross-entropy on the logits. Optimizer: SGD(learning_rate), no momentum, no decay.
+    Loss: softmax cross-entropy on the logits. Optimizer: SGD(learning_rate), no momentum, no
+    decay. The module docstring says what is recorded and how.
 
     Args:
         output_dir: folder for the outputs; created if missing. Existing outputs of an
@@ -151,7 +148,6 @@ def run_figure1(
         data = None
         for name in NETS:
             curves[name], data = _train_net(name, settings, pathlib.Path(scratch) / name, data)
-    curves["wall_time_s"] = time.perf_counter() - start  # rewritten below, with the writing
     paths = _write_outputs(output_dir, curves, start)
 
     population = curves["bn"]["final_test_accuracy_population"]
@@ -405,17 +401,14 @@ def curves_csv(curves):
 def summary_markdown(curves):
     """summary.md: the final accuracies, timings and every setting of the run."""
     c = curves["config"]
-
-    def milestone(record):
-        step = record["first_step_at_milestone"]
-        return "never" if step is None else str(step)
-
     rows = []
     for name, label in (("baseline", "Baseline (no BN)"), ("bn", "BN")):
         r = curves[name]
+        milestone = r["first_step_at_milestone"]
+        milestone = "never" if milestone is None else milestone
         rows.append(
             f"| {label} | {r['final_test_accuracy']:.4f} | {r['best_test_accuracy']:.4f} "
-            f"(step {r['best_step']}) | {milestone(r)} | {r['train_time_s']:.1f} | "
+            f"(step {r['best_step']}) | {milestone} | {r['train_time_s']:.1f} | "
             f"{r['steps_per_s']:.0f} |"
         )
     pop = curves["bn"].get("final_test_accuracy_population")

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 # GoogLeNet's random-size crop (Szegedy et al. 2014; slim's inception_preprocessing).
@@ -31,7 +33,6 @@ def flat_inputs(images: tf.Tensor, binarize: bool) -> tf.Tensor:
 
     With `binarize`, pixels are thresholded: pixel / 255 > 0.5 gives 1, else 0.
     """
-    images = tf.convert_to_tensor(images)
     x = tf.cast(images, tf.float32) / 255.0
     x = tf.reshape(x, [tf.shape(x)[0], -1])
     if binarize:
@@ -104,13 +105,7 @@ def _distort_color(image: tf.Tensor, seed: tf.Tensor, distortion: str) -> tf.Ten
         ]
 
     def branch(ops):
-        def apply():
-            x = image
-            for op in ops:
-                x = op(x)
-            return x
-
-        return apply
+        return lambda: functools.reduce(lambda x, op: op(x), ops, image)
 
     which = tf.random.stateless_uniform([], seeds[4], 0, len(orders), dtype=tf.int32)
     image = tf.switch_case(which, [branch(ops) for ops in orders])

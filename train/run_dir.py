@@ -37,15 +37,10 @@ class RunConflictError(ValueError):
     """The model_dir holds a different run (or something that is not a run)."""
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # Read once, at import: changing the umask briefly while other threads create files (TensorFlow's
 # writers) would give those files the wrong mode.
-_UMASK = _read_umask()
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -104,25 +99,12 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(wanted))
-    return [
-        f"{k}: {saved.get(k, '<unset>')!r} != {wanted.get(k, '<unset>')!r}"
-        for k in keys
-        if saved.get(k, "<unset>") != wanted.get(k, "<unset>")
-    ]
-
-
 class RunDir:
     """A run directory (see the module docstring for its layout).
 
     Args:
         path: the `--model_dir`.
     """
-
-    CONFIG = "config.json"
-    METRICS = "metrics.jsonl"
-    SUMMARY = "summary.json"
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
@@ -141,15 +123,15 @@ class RunDir:
 
     @property
     def config_path(self) -> pathlib.Path:
-        return self.path / self.CONFIG
+        return self.path / "config.json"
 
     @property
     def metrics_path(self) -> pathlib.Path:
-        return self.path / self.METRICS
+        return self.path / "metrics.jsonl"
 
     @property
     def summary_path(self) -> pathlib.Path:
-        return self.path / self.SUMMARY
+        return self.path / "summary.json"
 
     def check(self, identity: Mapping[str, Any]) -> dict[str, Any] | None:
         """Checks that this directory is new, empty, or holds a run with the same identity.
@@ -172,14 +154,17 @@ class RunDir:
         if not self.config_path.exists():
             if any(self.path.iterdir()):
                 raise RunConflictError(
-                    f"--model_dir={self.path} is not empty and holds no {self.CONFIG}; "
+                    f"--model_dir={self.path} is not empty and holds no config.json; "
                     "choose a new or empty directory."
                 )
             return None
         saved = json.loads(self.config_path.read_text())
         wanted = json.loads(json.dumps(dict(identity)))  # normalize tuples, ints vs floats
-        saved_identity = {k: saved.get(k, "<unset>") for k in wanted}
-        diffs = _differences(saved_identity, wanted)
+        diffs = [
+            f"{k}: {saved.get(k, '<unset>')!r} != {v!r}"
+            for k, v in sorted(wanted.items())
+            if saved.get(k, "<unset>") != v
+        ]
         if diffs:
             raise RunConflictError(
                 f"--model_dir={self.path} holds a run with different flags ("

@@ -55,6 +55,17 @@ _REPLICATED = (
     tf.distribute.MultiWorkerMirroredStrategy,
     tf.distribute.TPUStrategy,
 )
+# What verbose=2 prints of each metrics record, in this order.
+_PRINTED = (
+    "train_loss train_accuracy eval_loss eval_accuracy eval_top5_accuracy steps_per_sec".split()
+)
+# The progress bar's short names of the training metrics (verbose=1).
+_BAR = {
+    "train_loss": "loss",
+    "train_accuracy": "accuracy",
+    "learning_rate": "lr",
+    "steps_per_sec": "steps/s",
+}
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
     data_class=summary_pb2.DATA_CLASS_SCALAR,
@@ -256,6 +267,11 @@ class Trainer:
 
     # Compiled functions -------------------------------------------------------------------
 
+    def _summed(self, replica_step, batch):
+        """Runs `replica_step` on every replica and sums its results."""
+        per_replica = self.strategy.run(replica_step, args=(batch,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
     def _replica_train_step(self, batch):
         x, y = batch
         model, optimizer = self.model, self.optimizer
@@ -282,10 +298,10 @@ class Trainer:
         In memory: `fn(indices)` runs one step per row of the `(steps, batch)` example indices,
         gathering each batch inside the loop. Through tf.data: `fn(iterator, steps)`.
         """
-        strategy, step = self.strategy, self.step
+        step, replica_step = self.step, self._replica_train_step
         if self.in_memory:
             images, labels = self.data.arrays("train")
-            preprocess, replica_step = self.data.preprocess_batch, self._replica_train_step
+            preprocess = self.data.preprocess_batch
 
             def train_block(indices):
                 def body(i, totals):
@@ -293,9 +309,9 @@ class Trainer:
                         preprocess(tf.gather(images, indices[i])),
                         tf.gather(labels, indices[i]),
                     )
-                    per_replica = strategy.run(replica_step, args=(batch,))
+                    totals += self._summed(replica_step, batch)
                     step.assign_add(1)
-                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+                    return i + 1, totals
 
                 n = tf.shape(indices)[0]
                 return tf.while_loop(lambda i, _: i < n, body, (0, tf.zeros([3])))[1]
@@ -303,7 +319,6 @@ class Trainer:
             signature = [tf.TensorSpec([None, self.config.batch_size], tf.int64)]
             return tf.function(train_block, input_signature=signature, jit_compile=self.jit_compile)
 
-        replica_step = self._replica_train_step
         if self.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
@@ -311,8 +326,7 @@ class Trainer:
         def train_steps(iterator, n):
             totals = tf.zeros([3])
             for _ in tf.range(n):
-                per_replica = strategy.run(replica_step, args=(next(iterator),))
-                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                totals += self._summed(replica_step, next(iterator))
                 step.assign_add(1)
             return totals
 
@@ -332,7 +346,7 @@ class Trainer:
         )
 
     def _make_eval_fn(self):
-        strategy, replica_step = self.strategy, self._replica_eval_step
+        replica_step = self._replica_eval_step
         if self.in_memory:
             images, labels = self.data.arrays("eval")
             preprocess = self.data.preprocess_batch
@@ -345,8 +359,7 @@ class Trainer:
             @tf.function(jit_compile=self.jit_compile)
             def summed(x, y):  # (batches, size, ...): one evaluation batch per row
                 def body(i, totals):
-                    per_replica = strategy.run(replica_step, args=((preprocess(x[i]), y[i]),))
-                    return i + 1, totals + strategy.reduce("SUM", per_replica, axis=None)
+                    return i + 1, totals + self._summed(replica_step, (preprocess(x[i]), y[i]))
 
                 return tf.while_loop(lambda i, _: i < tf.shape(x)[0], body, (0, tf.zeros([4])))[1]
 
@@ -366,8 +379,7 @@ class Trainer:
         def evaluate(dataset):
             totals = tf.zeros([4])
             for batch in dataset:
-                per_replica = strategy.run(replica_step, args=(batch,))
-                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                totals += self._summed(replica_step, batch)
             return totals
 
         return evaluate
@@ -394,19 +406,15 @@ class Trainer:
 
     # Training -----------------------------------------------------------------------------
 
-    def _writer(self, name: str):
-        if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(
-                str(self.run_dir.tensorboard_dir / name)
-            )
-        return self._writers[name]
-
     def _summaries(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.chief:
             return
         tags = tuple(key.removeprefix(f"{name}_") for key in values)
         if (name, tags) not in self._summary_fns:  # one compiled call per record: it is cheaper
-            writer = self._writer(name)
+            if name not in self._writers:
+                path = str(self.run_dir.tensorboard_dir / name)
+                self._writers[name] = tf.summary.create_file_writer(path)
+            writer = self._writers[name]
 
             @tf.function
             def write(step, values):
@@ -461,9 +469,7 @@ class Trainer:
                 target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
                 print(f"Steps {step}-{target} of {c.train_steps}")
                 progbar = keras.utils.Progbar(
-                    target - step,
-                    unit_name="step",
-                    stateful_metrics=["loss", "accuracy", "lr", "steps/s"],
+                    target - step, unit_name="step", stateful_metrics=list(_BAR.values())
                 )
             chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
             chunk_start = time.perf_counter()
@@ -474,7 +480,7 @@ class Trainer:
             totals = totals.numpy()
             rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
             step += chunk
-            self._interval.add(totals)
+            self._interval.totals += totals
             values = {
                 "train_loss": float(totals[0] / totals[2]),
                 "train_accuracy": float(totals[1] / totals[2]),
@@ -483,15 +489,8 @@ class Trainer:
             }
             self._summaries("train", step, values)
             if progbar is not None:
-                progbar.update(
-                    step - self._interval.start_step,
-                    [
-                        ("loss", values["train_loss"]),
-                        ("accuracy", values["train_accuracy"]),
-                        ("lr", values["learning_rate"]),
-                        ("steps/s", rate),
-                    ],
-                )
+                bar_values = [(_BAR[key], value) for key, value in values.items()]
+                progbar.update(step - self._interval.start_step, bar_values)
             if step % c.eval_every == 0 or step == c.train_steps:
                 record = self._evaluate_and_record(step, progbar, on_evaluate)
                 progbar = None
@@ -552,9 +551,6 @@ class _Interval:
         self.start_time = time.perf_counter()
         self.totals = np.zeros(3)
 
-    def add(self, totals: np.ndarray) -> None:
-        self.totals += totals
-
     def train_metrics(self) -> dict[str, float]:
         loss, correct, count = self.totals
         if not count:
@@ -571,14 +567,7 @@ class _Interval:
 
 def _format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
-    for key in (
-        "train_loss",
-        "train_accuracy",
-        "eval_loss",
-        "eval_accuracy",
-        "eval_top5_accuracy",
-        "steps_per_sec",
-    ):
+    for key in _PRINTED:
         value = record.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(f"{key} {value:.4f}")
