@@ -258,7 +258,9 @@ def test_tensorflow_logs_only_when_asked(tmp_path):
     assert "cuInit" in asked.stderr
     # Nothing of TensorFlow's start-up either (printed while `import keras_bn` loads it).
     assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
-    assert "oneDNN" in asked.stderr
+    # TensorFlow's own start-up lines too (which ones depends on the CPU: oneDNN's notice is
+    # printed on some x86 CPUs only).
+    assert len(asked.stderr.strip().splitlines()) > 2, asked.stderr
     for result in (quiet, asked):
         assert result.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: --batch")
 

@@ -295,20 +295,13 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
     except OSError as error:
         raise RunError(error) from None
     run_dir = RunDir(model_dir)
-    try:
-        with run_dir.claim(identity, config_json + "\n"):
-            result = run_figure1(model_dir, **kwargs)
-            run_dir.commit()
-    except ValueError as error:
-        raise RunError(error) from None
-    except OSError as error:
-        raise RunError(error, status=1) from None
-    except KeyboardInterrupt:
-        raise RunError(
-            "interrupted; --experiment=figure1 keeps no checkpoints (it writes its outputs only "
-            "at the end), so running the same command again starts over.",
-            status=130,
-        ) from None
+    interrupted = (
+        "interrupted; --experiment=figure1 keeps no checkpoints (it writes its outputs only at "
+        "the end), so running the same command again starts over."
+    )
+    with _as_run_errors(interrupted), run_dir.claim(identity, config_json + "\n"):
+        result = run_figure1(model_dir, **kwargs)
+        run_dir.commit()
     return result
 
 
@@ -337,7 +330,8 @@ def table2(given: Mapping[str, Any]) -> dict:
         values["eval_crops"] = _crop_counts(values["eval_crops"])
     options = table2_lib.Options(**values)
     identity = {"experiment": "table2", **dataclasses.asdict(options)}
-    del identity["verbose"], identity["model_dir"]
+    # What may differ on resume: the output, how much is printed, the final crop evaluation.
+    del identity["verbose"], identity["model_dir"], identity["eval_crops"]
     try:
         options.check()
         check_writable(options.model_dir, "--model_dir")
@@ -345,23 +339,15 @@ def table2(given: Mapping[str, Any]) -> dict:
         claim = run_dir.claim(identity, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     except (ValueError, OSError) as error:
         raise RunError(error) from None
-    try:
-        with claim:
-            try:
-                return table2_lib.run_table2(options)
-            finally:  # keep the folder once any net has a checkpoint to resume from
-                if any(p.is_dir() for p in run_dir.path.glob("*/checkpoints")):
-                    run_dir.commit()
-    except ValueError as error:
-        raise RunError(error) from None
-    except OSError as error:
-        raise RunError(error, status=1) from None
-    except KeyboardInterrupt:
-        raise RunError(
-            "interrupted; run the same command again to resume (each net from its last "
-            "checkpoint).",
-            status=130,
-        ) from None
+    interrupted = (
+        "interrupted; run the same command again to resume (each net from its last checkpoint)."
+    )
+    with _as_run_errors(interrupted), claim:
+        try:
+            return table2_lib.run_table2(options)
+        finally:  # keep the folder once any net has a checkpoint to resume from
+            if any(p.is_dir() for p in run_dir.path.glob("*/checkpoints")):
+                run_dir.commit()
 
 
 def evaluate(given: Mapping[str, Any]) -> dict:
@@ -384,6 +370,19 @@ def evaluate(given: Mapping[str, Any]) -> dict:
         return evaluate_runs(model_dirs, crops, verbose=given.get("verbose", 1))
     except ValueError as error:
         raise RunError(error) from None
+
+
+@contextlib.contextmanager
+def _as_run_errors(interrupted: str):
+    """An experiment's failures as `RunError`s: settings 2, I/O 1, Ctrl-C 130 (`interrupted`)."""
+    try:
+        yield
+    except ValueError as error:
+        raise RunError(error) from None
+    except OSError as error:
+        raise RunError(error, status=1) from None
+    except KeyboardInterrupt:
+        raise RunError(interrupted, status=130) from None
 
 
 def _crop_counts(values: Collection[str]) -> tuple[int, ...]:

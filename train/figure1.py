@@ -141,7 +141,7 @@ def run_figure1(
         "steps": list(range(0, steps + 1, eval_every)),
         "percentiles": list(PERCENTILES),
         "config": settings,
-        "environment": _environment(),
+        "environment": environment(),
     }
     # The trainer's checkpoints and logs are scaffolding here: only the figure's outputs stay.
     with tempfile.TemporaryDirectory(prefix="keras-bn-figure1-") as scratch:
@@ -367,7 +367,8 @@ def _train_net(name, settings, model_dir, data=None):
 # -------------------------------------------------------------------------------- outputs
 
 
-def _environment():
+def environment():
+    """Versions and machine facts recorded with an experiment's results."""
     import keras
     import tensorflow as tf
 

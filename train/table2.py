@@ -328,7 +328,7 @@ def run_table2(options: Options) -> dict[str, Any]:
 
 def _run(options: Options) -> dict[str, Any]:
     from keras_bn.train import experiment
-    from keras_bn.train.figure1 import _environment
+    from keras_bn.train.figure1 import environment
 
     started = time.perf_counter()
     plan = runs(options)
@@ -357,7 +357,7 @@ def _run(options: Options) -> dict[str, Any]:
         "configs": {r.folder: c.to_dict() for r, c in pairs},
         "curves": curves,
         "table": table(curves, options.time_factor),
-        "environment": _environment(),
+        "environment": environment(),
     }
     members = [c.model_dir for r, c in pairs if r.net.key == ENSEMBLE_NET]
     if options.verbose:
