@@ -60,7 +60,8 @@ def test_every_flag_has_help_and_config_flags_default_to_none():
 
 def test_flags_are_exactly_the_settings_and_follow_their_declarations():
     fv = parse()
-    assert set(fv) == set(config_lib.field_names()) | {"experiment", "cpu_replicas"}
+    experiment_flags = {"experiment", "cpu_replicas", "eval_crops", "ensemble_size"}
+    assert set(fv) == set(config_lib.field_names()) | experiment_flags
     for name, field in config_lib.settings().items():
         assert field.metadata["help"] in fv[name].help, name
         if field.metadata["choices"] is not None:

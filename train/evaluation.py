@@ -49,7 +49,8 @@ def load_config(model_dir: str) -> config_lib.TrainConfig:
     run_dir = RunDir(model_dir)
     if not run_dir.config_path.is_file():
         raise ValueError(
-            f"--model_dir={model_dir} holds no {RunDir.CONFIG}; pass the folder of a training run."
+            f"--model_dir={model_dir} holds no {run_dir.config_path.name}; pass the folder of a "
+            "training run."
         )
     saved = json.loads(run_dir.config_path.read_text())
     if "model" not in saved:  # e.g. an --experiment=figure1 folder
