@@ -212,3 +212,11 @@ def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
         cli(["--experiment=evaluate", f"--model_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_experiment_flags_are_refused_by_a_training_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--preset=mnist_bn", f"--model_dir={tmp_path}/a", "--eval_crops=144"])
+    assert exit_info.value.code == 2
+    assert "--eval_crops belong(s) to --experiment=evaluate|table2" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

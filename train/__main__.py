@@ -71,6 +71,12 @@ def _dispatch() -> dict:
             result = experiment.evaluate(given)
             _report_crops(result)
         else:
+            experiment_only = [n for n in ("eval_crops", "ensemble_size") if n in given]
+            if experiment_only:
+                fail(
+                    f"{', '.join('--' + n for n in experiment_only)} belong(s) to "
+                    "--experiment=evaluate|table2; a training run does not use them."
+                )
             explicit = train_flags.explicit_values(FLAGS)
             try:
                 config = config_lib.resolve(FLAGS.preset, explicit)

@@ -101,23 +101,18 @@ def ensemble_accuracy(
     num_crops: int,
     *,
     from_logits: bool = True,
-    preprocess: Callable[[tf.Tensor], tf.Tensor] = preprocessing.scale_to_unit_range,
-    predict_batch_size: int = 256,
-    progress: Callable[[int], None] | None = None,
+    **options,
 ) -> float:
     """Top-1 accuracy of the ensemble of `models` on `num_crops` views per image.
 
-    A one-model ensemble gives exactly `crops.crop_accuracy` of that model.
+    The ensemble is one model to `crops.crop_accuracy` (`mean_probability_fn`), so a
+    one-model ensemble gives exactly `crops.crop_accuracy` of that model.
 
     Args:
         models: the members; each as `crops.probability_fn` takes it.
-        batches: iterable of `(images, labels)`; see `crops.crop_accuracy`.
-        crop_size: side of the models' square input.
-        num_crops: 1, 10 or 144.
+        batches, crop_size, num_crops: as for `crops.crop_accuracy`.
         from_logits: the models output logits (the zoo's do).
-        preprocess: see `crops.average_over_views`.
-        predict_batch_size: see `crops.average_over_views`.
-        progress: see `crops.top1_accuracy`.
+        **options: `preprocess`, `predict_batch_size`, `progress` of `crops.crop_accuracy`.
 
     Reference:
         Ioffe & Szegedy, 2015, section 4.3 (6 networks, 144 crops, 4.9% top-5 error).
@@ -125,13 +120,4 @@ def ensemble_accuracy(
     Example: see the module docstring.
     """
     mean = mean_probability_fn([crops.probability_fn(model, from_logits) for model in models])
-    return crops.crop_accuracy(
-        mean,
-        batches,
-        crop_size,
-        num_crops,
-        from_logits=False,
-        preprocess=preprocess,
-        predict_batch_size=predict_batch_size,
-        progress=progress,
-    )
+    return crops.crop_accuracy(mean, batches, crop_size, num_crops, from_logits=False, **options)

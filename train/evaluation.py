@@ -61,12 +61,10 @@ def load_config(model_dir: str) -> config_lib.TrainConfig:
     return config
 
 
-def restore_run(model_dir: str, data: data_lib.Data | None = None) -> Trainer:
+def restore_run(model_dir: str) -> Trainer:
     """A trainer holding the run's model as of its newest checkpoint that loads.
 
-    Args:
-        model_dir: the run's folder.
-        data: the run's data when already opened (saves reading the dataset again).
+    The model is built with the run's dtype policy; the caller's policy is left as it was.
 
     Raises:
         ValueError: if the folder holds no run or no checkpoint that loads.
@@ -76,10 +74,19 @@ def restore_run(model_dir: str, data: data_lib.Data | None = None) -> Trainer:
     if found.path is None:
         reasons = "; ".join(found.describe()) or "no checkpoint written yet"
         raise ValueError(f"--model_dir={model_dir} has no checkpoint that loads ({reasons}).")
+    previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(strategy_lib.dtype_policy(config.mixed_precision))
-    data = data or data_lib.make_data(config)
-    # chief=False: the trainer reads the run's checkpoints and writes nothing into its folder.
-    trainer = Trainer(config, tf.distribute.get_strategy(), data, RunDir(model_dir), chief=False)
+    try:
+        # chief=False: the trainer reads the run's checkpoints and writes nothing into its folder.
+        trainer = Trainer(
+            config,
+            tf.distribute.get_strategy(),
+            data_lib.make_data(config),
+            RunDir(model_dir),
+            chief=False,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
     trainer.restore(found)
     return trainer
 
@@ -143,12 +150,8 @@ def evaluate_runs(
     if bad:
         raise ValueError(f"--eval_crops must be among {crops.NUM_CROPS}; got {bad}.")
     started = time.perf_counter()
-    previous_policy = keras.config.dtype_policy()
-    try:
-        first = restore_run(model_dirs[0])
-        trainers = [first] + [restore_run(d) for d in model_dirs[1:]]
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    trainers = [restore_run(d) for d in model_dirs]
+    first = trainers[0]
     shapes = {(t.data.spec.input_shape, t.data.spec.num_classes) for t in trainers}
     if len(shapes) > 1:
         raise ValueError(

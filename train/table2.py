@@ -223,34 +223,34 @@ class _Progress:
         self.total = sum(c.train_steps for c in configs)
         self.verbose = verbose
         self.started = time.perf_counter()
-        self.trained = 0  # steps trained by this process (resumed ones excluded)
-        self._trained_before = 0  # of them, before the current run
         self.done_before = 0  # steps of the runs before the current one
+        self.resumed = 0  # steps trained before this process started (not in the ETA's rate)
 
     def hook(self, index: int, runs_count: int, run: Run, config, start_step: int):
+        """The `on_evaluate` hook of one run, which resumes at `start_step`."""
         every = max(1, math.ceil(config.train_steps / config.eval_every / 10)) * config.eval_every
-        best = [0.0]
+        self.resumed += start_step
+        best = 0.0
 
         def on_evaluate(step, metrics):
-            accuracy = metrics["eval_accuracy"]
-            best[0] = max(best[0], accuracy)
-            self.trained = self._trained_before + step - start_step
+            nonlocal best
+            best = max(best, metrics["eval_accuracy"])
             last = step == config.train_steps
             if self.verbose == 2 or (self.verbose and (step % every == 0 or last)):
                 done = self.done_before + step
+                trained = done - self.resumed
                 eta = ""
-                if self.trained:
-                    seconds = (time.perf_counter() - self.started) / self.trained
+                if trained:
+                    seconds = (time.perf_counter() - self.started) / trained
                     eta = f", ETA {_duration(seconds * (self.total - done))} of training"
                 print(
                     f"table2 [{index}/{runs_count} {run.folder}] step {step}/{config.train_steps}"
-                    f" accuracy {accuracy:.4f} (best {best[0]:.4f}) | all nets "
+                    f" accuracy {metrics['eval_accuracy']:.4f} (best {best:.4f}) | all nets "
                     f"{done / self.total:.0%}{eta}",
                     flush=True,
                 )
             return {}
 
-        self._trained_before = self.trained
         return on_evaluate
 
     def finish_run(self, config) -> None:
