@@ -292,6 +292,7 @@ def build_inception(
     bn_epsilon=1e-3,
     bn_scale=True,
     seed=None,
+    final_endpoint="Mixed_5c",
     name=None,
 ):
     """Builds the Figure 5 network, batch-normalized or not; see `bn_inception` and `inception`.
@@ -324,6 +325,9 @@ def build_inception(
         bn_scale: passed as `scale` (learn gamma). slim uses False before ReLU; the sigmoid
             variant needs gamma.
         seed: None or int; an int makes the initial weights reproducible.
+        final_endpoint: the last end point built (`END_POINTS`, tf-slim's argument); the
+            head pools and classifies its output. The default builds the whole network;
+            an earlier one gives a shallower net (for a quick run, or a feature extractor).
         name: model name; default "bn_inception" or "inception".
 
     Returns:
@@ -334,6 +338,10 @@ def build_inception(
         raise ValueError(f"`dropout_rate` must be in [0, 1); received {dropout_rate!r}.")
     if int(num_classes) < 1:
         raise ValueError(f"`num_classes` must be a positive int; received {num_classes!r}.")
+    if final_endpoint not in END_POINTS:
+        raise ValueError(
+            f"`final_endpoint` must be one of {', '.join(END_POINTS)}; received {final_endpoint!r}."
+        )
     b = _Builder(
         batch_norm=batch_norm,
         norm_layer=norm_layer,
@@ -348,22 +356,11 @@ def build_inception(
     )
 
     inputs = keras.Input(shape=input_shape, name="images")
-    x = b.stem(inputs, separable_stem)
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="MaxPool_2a_3x3")(x)
-    if use_lrn:
-        x = LocalResponseNormalization(name="MaxPool_2a_3x3_lrn")(x)
-    x = b.conv(x, 64, 1, "Conv2d_2b_1x1", stddev=0.1)
-    x = b.conv(x, 192, 3, "Conv2d_2c_3x3")
-    if use_lrn:
-        x = LocalResponseNormalization(name="Conv2d_2c_3x3_lrn")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="MaxPool_3a_3x3")(x)
-    for module_name, kind, widths in _MODULES:
-        if kind == "reduction":
-            x = b.reduction_module(x, module_name, widths)
-            continue
-        if paper_widths and module_name in _PAPER_POOL_PROJ:
-            widths = widths[:-1] + (_PAPER_POOL_PROJ[module_name],)
-        x = b.inception_module(x, module_name, widths)
+    x = next(  # the generator builds the layers up to the end point, and no further
+        x
+        for end_point, x in _end_points(b, inputs, separable_stem, use_lrn, paper_widths)
+        if end_point == final_endpoint
+    )
 
     x = keras.layers.GlobalAveragePooling2D(name="AvgPool_1a")(x)
     if dropout_rate > 0:
@@ -378,6 +375,32 @@ def build_inception(
     if name is None:
         name = "bn_inception" if batch_norm else "inception"
     return keras.Model(inputs, outputs, name=name)
+
+
+def _end_points(b, x, separable_stem, use_lrn, paper_widths):
+    """Yields `(end point, tensor)` top to bottom, building each layer only when asked for."""
+    x = b.stem(x, separable_stem)
+    yield "Conv2d_1a_7x7", x
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="MaxPool_2a_3x3")(x)
+    if use_lrn:
+        x = LocalResponseNormalization(name="MaxPool_2a_3x3_lrn")(x)
+    yield "MaxPool_2a_3x3", x
+    x = b.conv(x, 64, 1, "Conv2d_2b_1x1", stddev=0.1)
+    yield "Conv2d_2b_1x1", x
+    x = b.conv(x, 192, 3, "Conv2d_2c_3x3")
+    if use_lrn:
+        x = LocalResponseNormalization(name="Conv2d_2c_3x3_lrn")(x)
+    yield "Conv2d_2c_3x3", x
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="MaxPool_3a_3x3")(x)
+    yield "MaxPool_3a_3x3", x
+    for module_name, kind, widths in _MODULES:
+        if kind == "reduction":
+            x = b.reduction_module(x, module_name, widths)
+        else:
+            if paper_widths and module_name in _PAPER_POOL_PROJ:
+                widths = widths[:-1] + (_PAPER_POOL_PROJ[module_name],)
+            x = b.inception_module(x, module_name, widths)
+        yield module_name, x
 
 
 def bn_inception(
@@ -397,6 +420,7 @@ def bn_inception(
     bn_epsilon=1e-3,
     bn_scale=True,
     seed=None,
+    final_endpoint="Mixed_5c",
     name="bn_inception",
 ):
     """Builds BN-Inception, the network of the paper's Figure 5, returning logits.
@@ -457,6 +481,7 @@ def bn_inception(
         bn_epsilon=bn_epsilon,
         bn_scale=bn_scale,
         seed=seed,
+        final_endpoint=final_endpoint,
         name=name,
     )
 
@@ -495,6 +520,7 @@ def inception(
     bn_epsilon=1e-3,
     bn_scale=True,
     seed=None,
+    final_endpoint="Mixed_5c",
     name="inception",
 ):
     """Builds the paper's baseline "Inception": the Figure 5 topology without BN, returning logits.
@@ -538,5 +564,6 @@ def inception(
         use_lrn=use_lrn,
         separable_stem=separable_stem,
         seed=seed,
+        final_endpoint=final_endpoint,
         name=name,
     )

@@ -243,11 +243,29 @@ def test_small_or_malformed_input_raises(name, shape):
         (dict(dropout_rate=1.0), "dropout_rate"),
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(norm_layer="batch_norm"), "norm_layer"),
+        (dict(final_endpoint="Mixed_6a"), "final_endpoint` must be one of Conv2d_1a_7x7"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.get("bn_inception", **{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["bn_inception", "inception"])
+def test_final_endpoint_stops_the_network_there_with_the_same_layers(name):
+    full = _small(name)
+    short = models.get(name, **SMALL, final_endpoint="Mixed_3b")
+    names = [layer.name for layer in short.layers]
+    assert names[names.index("Mixed_3b") + 1] == "AvgPool_1a"
+    assert "Mixed_3c" not in names and short.output_shape == (None, 4)
+    assert short.get_layer("Logits").kernel.shape[0] == full.get_layer("Mixed_3b").output.shape[-1]
+    # The same layers up to the end point, built in the same order: the same initial weights.
+    for layer in short.layers:
+        if layer.name != "Logits":
+            for a, b in zip(layer.weights, full.get_layer(layer.name).weights, strict=True):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+    stem = models.get(name, **SMALL, final_endpoint="Conv2d_1a_7x7")
+    assert stem.get_layer("AvgPool_1a").input.shape[1:] == (38, 38, 16)
 
 
 def test_seed_makes_weights_reproducible():
