@@ -4,15 +4,15 @@ The network is read top to bottom from the paper's Figure 5 table, with tf-slim'
 (`inception_v2.py`, which cites the paper) for every end point. The paper's own module names map
 to slim's as in `PAPER_NAMES` (inception_3a is Mixed_3b, ..., inception_5b is Mixed_5c).
 
-Widths. The printed table is inconsistent (spec section 3.2): in 4c and 4d the branches sum to
+Widths. The printed table (Figure 5) is inconsistent: in 4c and 4d the branches sum to
 608 channels while the table prints 576. By default we follow tf-slim, which uses a pool
 projection of 96 there, giving 576 channels after every 14x14 module and 1024 after 4e.
 `paper_widths=True` keeps the printed 128s (608 channels after 4c/4d and 1056 after 4e, as the
 MXNet, Caffe and PyTorch ports do).
 
-Parameter counts (1000 classes unless stated, measured; every bn_inception row equals spec
-section 3.4, which has no row for the baseline; tests/test_models_inception.py asserts all but
-the two `paper_widths` rows that combine it with another option or the baseline):
+Parameter counts (1000 classes unless stated, measured; every bn_inception row equals arithmetic
+over the Figure 5 table's widths; tests/test_models_inception.py asserts all but the two
+`paper_widths` rows that combine it with another option or the baseline):
 
 | model / options                                      | trainable  | non-trainable |
 |------------------------------------------------------|------------|---------------|
@@ -24,7 +24,8 @@ the two `paper_widths` rows that combine it with another option or the baseline)
 | inception (baseline: conv biases, no BN)             | 11,178,336 | 0             |
 | inception, `paper_widths=True`                       | 11,268,512 | 0             |
 
-The paper's "13.6M parameters" is not reproduced by any reading of its table (spec 3.4).
+The paper's "13.6M parameters" (appendix) is not reproduced by any reading of its table, nor by
+adding GoogLeNet's auxiliary heads (about 3.2M each).
 """
 
 import keras
@@ -442,7 +443,8 @@ def bn_inception(
     Keras's BN defaults (momentum 0.99, epsilon 1e-3; slim uses momentum 0.9997) and pool
     globally so any input from 75x75 up works (for 224 it equals the paper's 7x7 avg pool). No
     auxiliary heads (Figure 5 shows none). The default `weight_decay=4e-5` is slim's, which is
-    the BN-x5/x30 "5x lower" value if the baseline used GoogLeNet's 2e-4 (spec section 4.3).
+    the BN-x5/x30 value (section 4.2.1: "reduce the L2 weight regularization by 5") if the
+    baseline used GoogLeNet's 2e-4, which the paper does not state.
 
     For BN-Baseline (the paper's Inception with BN added), keep the baseline's switches:
     `bn_inception(dropout_rate=0.4, use_lrn=True, weight_decay=2e-4)`.

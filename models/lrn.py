@@ -18,7 +18,7 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     The defaults are Caffe GoogLeNet's `local_size 5, alpha 1e-4, beta 0.75`: Caffe divides
     `alpha` by the window size and TensorFlow does not, so `alpha = 1e-4 / 5`. The BN paper does
-    not give its LRN constants; these are GoogLeNet's (spec section 5).
+    not give its LRN constants; these are GoogLeNet's (the BVLC Caffe model).
 
     Args:
         depth_radius: int >= 0, half-width of the channel window.

@@ -34,10 +34,11 @@ def mlp(
     i = 1, 2, 3, and `logits`. The input of the sigmoid of hidden layer i (Figure 1(b, c)) is
     `model.get_layer(f"hidden{i}_sigmoid").input`; `preactivation_model` builds the sub-model.
 
-    Where the paper is silent (spec section 2.2), this builder chooses:
+    Where the paper is silent (section 4.1 gives neither the init scale nor the optimizer), this
+    builder chooses:
 
     - Initialization: every weight matrix (output layer included) drawn from N(0, 0.01^2)
-      (`init_stddev`; spec section 2.2 suggests 0.01 for "small random Gaussian values").
+      (`init_stddev`; 0.01 is our reading of section 4.1's "small random Gaussian values").
       Biases and beta start at 0, gamma at 1. The BN net does not depend on this scale; the
       baseline does: its sigmoid inputs start tiny (std ~0.1 in layer 1 for binary MNIST,
       ~0.05 above) and its gradients small, so it starts slowly and catches up later.

@@ -66,8 +66,8 @@ def test_end_point_shapes_224(full_bn_inception):
     assert sorted(inception.PAPER_NAMES) == [n for n in inception.END_POINTS if "Mixed" in n]
 
 
-def test_bn_inception_parameter_count_matches_spec(full_bn_inception):
-    # spec 3.4: slim widths, separable stem, gamma + beta, 1000 classes.
+def test_bn_inception_parameter_count_matches_the_figure5_table(full_bn_inception):
+    # Arithmetic over Figure 5's widths: slim widths, separable stem, gamma + beta, 1000 classes.
     assert _counts(full_bn_inception) == (11_188_288, 19_904)
     assert full_bn_inception.count_params() == 11_188_288 + 19_904
 
@@ -75,7 +75,7 @@ def test_bn_inception_parameter_count_matches_spec(full_bn_inception):
 @pytest.mark.parametrize(
     "name, kwargs, expected",
     [
-        # spec 3.4 rows.
+        # Arithmetic over Figure 5's widths.
         ("bn_inception", dict(separable_stem=False), (11_194_984, 19_904)),
         ("bn_inception", dict(paper_widths=True), (11_278_528, 20_032)),
         ("bn_inception", dict(bn_scale=False, num_classes=1001), (11_179_361, 19_904)),

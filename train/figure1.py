@@ -58,9 +58,10 @@ import numpy as np
 
 # The percentiles of Figure 1(b, c), recorded at step 0 and after every `eval_every` steps.
 PERCENTILES = (15, 50, 85)
-# Plain SGD with one learning rate for both nets and the spec's "small Gaussian" init
-# (spec section 2.2; the paper states neither). docs/figure1_summary.md has the sweep over
-# both: BN ends above the baseline at every setting tried, by 1.3-1.4 points at these.
+# Plain SGD with one learning rate for both nets (the paper changes only BN) and a "small
+# random Gaussian" init (section 4.1; the paper states neither the optimizer nor the scale).
+# docs/figure1_summary.md has the sweep over both: BN ends above the baseline at every setting
+# tried, by 1.3-1.4 points at these.
 DEFAULT_LEARNING_RATE = 0.5
 DEFAULT_INIT_STDDEV = 0.01
 NETS = ("baseline", "bn")
