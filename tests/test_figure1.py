@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from keras_bn.train import figure1  # noqa: E402
+from keras_bn.train import figure1, results  # noqa: E402
 
 STEPS, EVAL_EVERY, EXAMPLES = 300, 100, 200
 SHORT = dict(steps=STEPS, eval_every=EVAL_EVERY, percentile_examples=EXAMPLES, verbose=0)
@@ -166,9 +166,9 @@ def test_failed_write_leaves_previous_outputs_untouched(run, tmp_path, monkeypat
 
 
 def test_first_step_at_threshold():
-    assert figure1.first_step_at([0.1, 0.5, 0.96, 0.97], 500, 0.95) == 1000
-    assert figure1.first_step_at([0.1, 0.95], 100, 0.95) == 100
-    assert figure1.first_step_at([0.1, 0.5], 500, 0.95) is None
+    assert results.first_step_at([0, 500, 1000, 1500], [0.1, 0.5, 0.96, 0.97], 0.95) == 1000
+    assert results.first_step_at([0, 100], [0.1, 0.95], 0.95) == 100
+    assert results.first_step_at([0, 500], [0.1, 0.5], 0.95) is None
 
 
 def test_percentiles_are_ordered():

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from keras_bn.train import crops, ensemble, presets, table2
+from keras_bn.train import crops, ensemble, presets, results, table2
 from keras_bn.train.__main__ import cli
 from keras_bn.train.evaluation import evaluate_runs, restore_run
 
@@ -120,8 +120,8 @@ def test_table_counts_steps_to_inceptions_best():
 
 
 def test_first_step_at():
-    assert table2.first_step_at([1, 2, 3], [0.1, 0.5, 0.5], 0.5) == 2
-    assert table2.first_step_at([1, 2], [0.1, 0.2], 0.5) is None
+    assert results.first_step_at([1, 2, 3], [0.1, 0.5, 0.5], 0.5) == 2
+    assert results.first_step_at([1, 2], [0.1, 0.2], 0.5) is None
 
 
 # End to end ------------------------------------------------------------------------------------

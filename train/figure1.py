@@ -47,14 +47,13 @@ import csv
 import io
 import json
 import math
-import os
 import pathlib
-import platform
-import shutil
 import tempfile
 import time
 
 import numpy as np
+
+from keras_bn.train.results import environment, first_step_at, publish
 
 # The percentiles of Figure 1(b, c), recorded at step 0 and after every `eval_every` steps.
 PERCENTILES = (15, 50, 85)
@@ -215,20 +214,6 @@ def _validate(**kwargs):
     return config
 
 
-def first_step_at(accuracies, eval_every, threshold):
-    """The first evaluated step whose accuracy is >= `threshold`, or None if none is.
-
-    Example:
-
-    >>> first_step_at([0.1, 0.5, 0.96, 0.97], 500, 0.95)
-    1000
-    """
-    for i, accuracy in enumerate(accuracies):
-        if accuracy >= threshold:
-            return i * eval_every
-    return None
-
-
 def percentiles(values):
     """The 15th, 50th and 85th percentiles (linear interpolation) of a 1-D array."""
     return [float(p) for p in np.percentile(np.asarray(values, np.float64), PERCENTILES)]
@@ -321,7 +306,7 @@ def _train_net(name, settings, model_dir, data=None):
             )
         return {f"sigmoid_input_p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
 
-    records = [{**trainer.evaluate(), **record_percentiles(0, None)}]  # step 0
+    records = [{"step": 0, **trainer.evaluate(), **record_percentiles(0, None)}]
     trainer.train(on_evaluate=record_percentiles)
     train_time = time.perf_counter() - started
     records += trainer.run_dir.metrics()
@@ -345,7 +330,9 @@ def _train_net(name, settings, model_dir, data=None):
         "final_test_accuracy": accuracies[-1],
         "best_test_accuracy": accuracies[best],
         "best_step": best * eval_every,
-        "first_step_at_milestone": first_step_at(accuracies, eval_every, MILESTONE_ACCURACY),
+        "first_step_at_milestone": first_step_at(
+            [r["step"] for r in records], accuracies, MILESTONE_ACCURACY
+        ),
     }
     if name == "bn":
         layers = trainer.model._flatten_layers()
@@ -366,20 +353,6 @@ def _train_net(name, settings, model_dir, data=None):
 
 
 # -------------------------------------------------------------------------------- outputs
-
-
-def environment():
-    """Versions and machine facts recorded with an experiment's results."""
-    import keras
-    import tensorflow as tf
-
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
 
 
 def curves_csv(curves):
@@ -465,19 +438,20 @@ def summary_markdown(curves):
 
 
 def _write_outputs(output_dir, curves, start):
-    """Writes all outputs into a temporary folder, then renames them into `output_dir`."""
+    """Writes every output at once (`results.publish`); returns run_figure1's output paths."""
     from keras_bn.train.figure1_plot import plot_figure1
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".figure1-", dir=output_dir))
-    try:
-        plot_figure1(curves, tmp / "figure1.png")
-        (tmp / "figure1.csv").write_text(curves_csv(curves))
+    def write_json(path):  # the wall time includes the figure and the CSV, written first
         curves["wall_time_s"] = time.perf_counter() - start
-        (tmp / "figure1.json").write_text(json.dumps(curves, indent=1) + "\n")
-        (tmp / "summary.md").write_text(summary_markdown(curves))
-        for filename in _OUTPUTS.values():
-            os.replace(tmp / filename, output_dir / filename)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {key: str(output_dir / filename) for key, filename in _OUTPUTS.items()}
+        path.write_text(json.dumps(curves, indent=1) + "\n")
+
+    paths = publish(
+        output_dir,
+        {
+            _OUTPUTS["figure"]: lambda path: plot_figure1(curves, path),
+            _OUTPUTS["csv"]: lambda path: path.write_text(curves_csv(curves)),
+            _OUTPUTS["json"]: write_json,
+            _OUTPUTS["summary"]: lambda path: path.write_text(summary_markdown(curves)),
+        },
+    )
+    return {key: paths[filename] for key, filename in _OUTPUTS.items()}

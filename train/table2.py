@@ -36,18 +36,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 from typing import Any
 
 from keras_bn.train import config as config_lib
 from keras_bn.train import evaluation, presets
-from keras_bn.train.run_dir import RunDir, atomic_write_json, atomic_write_text
+from keras_bn.train.results import environment, first_step_at, publish
+from keras_bn.train.run_dir import RunDir
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 MNIST_TRAIN_EXAMPLES = 60_000
@@ -273,15 +273,6 @@ def curve(model_dir: str | os.PathLike) -> dict[str, list]:
     }
 
 
-def first_step_at(steps, accuracies, threshold) -> int | None:
-    """The first evaluated step whose accuracy is >= `threshold`, or None.
-
-    >>> first_step_at([100, 200, 300], [0.5, 0.9, 0.95], 0.9)
-    200
-    """
-    return next((s for s, a in zip(steps, accuracies, strict=True) if a >= threshold), None)
-
-
 def table(curves: dict[str, dict], k: float) -> dict[str, dict]:
     """Table 2: for each net, steps to reach Inception's best accuracy and its own best."""
     reference = curves["inception"]
@@ -328,7 +319,6 @@ def run_table2(options: Options) -> dict[str, Any]:
 
 def _run(options: Options) -> dict[str, Any]:
     from keras_bn.train import experiment
-    from keras_bn.train.figure1 import environment
 
     started = time.perf_counter()
     plan = runs(options)
@@ -502,16 +492,16 @@ def _member_configs(result) -> list[dict]:
 def _write_outputs(model_dir: pathlib.Path, result: dict[str, Any]) -> dict[str, str]:
     from keras_bn.train.table2_plot import plot_figure2
 
-    outputs = {name: str(model_dir / name) for name in ("figure2.png", "summary.md", "table2.csv")}
-    outputs["table2.json"] = str(model_dir / "table2.json")
-    scratch = tempfile.mkdtemp(dir=model_dir, prefix=".figure2-")
-    try:  # drawn beside the old figure, then renamed over it
-        os.replace(
-            plot_figure2(result, os.path.join(scratch, "figure2.png")), outputs["figure2.png"]
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    atomic_write_text(outputs["table2.csv"], curves_csv(result["curves"]))
-    atomic_write_text(outputs["summary.md"], summary_markdown(result))
-    atomic_write_json(outputs["table2.json"], {**result, "outputs": outputs})
-    return outputs
+    names = ("figure2.png", "summary.md", "table2.csv", "table2.json")
+    outputs = {name: str(model_dir / name) for name in names}
+    return publish(
+        model_dir,
+        {
+            "figure2.png": lambda path: plot_figure2(result, path),
+            "summary.md": lambda path: path.write_text(summary_markdown(result)),
+            "table2.csv": lambda path: path.write_text(curves_csv(result["curves"])),
+            "table2.json": lambda path: path.write_text(
+                json.dumps({**result, "outputs": outputs}, indent=2, sort_keys=True) + "\n"
+            ),
+        },
+    )
