@@ -350,10 +350,8 @@ class Trainer:
         if self.in_memory:
             images, labels = self.data.arrays("eval")
             preprocess = self.data.preprocess_batch
-            size = self.config.eval_batch_size or self.config.batch_size
-            count = int(labels.shape[0])
-            if self.config.eval_steps:
-                count = min(count, self.config.eval_steps * size)
+            size = self.data.eval_batch_size
+            count = min(int(labels.shape[0]), self.data.eval_limit or int(labels.shape[0]))
             full = count // size
 
             @tf.function(jit_compile=self.jit_compile)
