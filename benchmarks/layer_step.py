@@ -20,6 +20,9 @@ Prints the median milliseconds per step and the ratio of the first column to eac
 Targets (2-core CPU): ``bn``: ours <= 0.6x Keras 3 without XLA on the 4-D shapes, <= 1.0x with
 XLA and on the dense shape; ``renorm``: <= 0.6x Keras 3 without XLA, <= 1.0x with XLA;
 ``ghost``: <= 1.0x tf_keras.
+The header says whether TensorFlow runs its oneDNN kernels: where it does not (its default on
+some CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` turns them on), FusedBatchNormV3 is slower on a CPU and
+the rows without XLA miss their targets (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -112,6 +115,15 @@ def bench(shape, jit, repeats, suite="bn", warmup=3):
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def _onednn():
+    """Whether TensorFlow runs its oneDNN CPU kernels ("on"/"off"). It decides how fast the
+    FusedBatchNormV3 kernel is on a CPU, hence the rows without XLA (docs/benchmarks.md);
+    TensorFlow has no public query for it."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return "on" if _pywrap_util_port.IsMklEnabled() else "off"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -124,7 +136,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"{os.cpu_count()} CPUs, median of {args.repeats} steps"
+        f"{os.cpu_count()} CPUs, oneDNN {_onednn()}, median of {args.repeats} steps"
     )
     for suite in args.suite:
         ours, *anchors = names = list(_implementations(suite, 4))
