@@ -36,7 +36,7 @@ from keras_bn.train import data as data_lib
 from keras_bn.train import export as export_lib
 from keras_bn.train import strategy as strategy_lib
 from keras_bn.train.config import TrainConfig
-from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable
+from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable, json_text
 from keras_bn.train.trainer import Trainer, build_model
 
 PROG = "keras-bn-train"
@@ -212,7 +212,7 @@ def _config_json(config: TrainConfig, explicit: Collection[str]) -> str:
         "preset_assumptions": list(presets.get(config.preset).assumptions) if config.preset else [],
         "identity_fields": sorted(config.identity()),
     }
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return json_text(data)
 
 
 def _finish(config: TrainConfig, trainer, data, run_dir: RunDir, record, started: float) -> dict:
@@ -336,7 +336,7 @@ def table2(given: Mapping[str, Any]) -> dict:
         options.check()
         check_writable(options.model_dir, "--model_dir")
         run_dir = RunDir(options.model_dir)
-        claim = run_dir.claim(identity, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        claim = run_dir.claim(identity, json_text(identity))
     except (ValueError, OSError) as error:
         raise RunError(error) from None
     interrupted = (

@@ -53,7 +53,8 @@ import time
 
 import numpy as np
 
-from keras_bn.train.results import environment, first_step_at, publish
+from keras_bn.train.results import environment, first_step_at
+from keras_bn.train.run_dir import publish
 
 # The percentiles of Figure 1(b, c), recorded at step 0 and after every `eval_every` steps.
 PERCENTILES = (15, 50, 85)
@@ -317,6 +318,7 @@ def _train_net(name, settings, model_dir, data=None):
             f"figure1: the {name} net's training loss is {losses[bad]} at step "
             f"{bad * eval_every}; lower `learning_rate` ({settings['learning_rate']})."
         )
+    steps_evaluated = [r["step"] for r in records]
     accuracies = [r["eval_accuracy"] for r in records]
     best = int(np.argmax(accuracies))
     curves = {
@@ -329,10 +331,8 @@ def _train_net(name, settings, model_dir, data=None):
         "steps_per_s": steps / train_time,
         "final_test_accuracy": accuracies[-1],
         "best_test_accuracy": accuracies[best],
-        "best_step": best * eval_every,
-        "first_step_at_milestone": first_step_at(
-            [r["step"] for r in records], accuracies, MILESTONE_ACCURACY
-        ),
+        "best_step": steps_evaluated[best],
+        "first_step_at_milestone": first_step_at(steps_evaluated, accuracies, MILESTONE_ACCURACY),
     }
     if name == "bn":
         layers = trainer.model._flatten_layers()
@@ -438,7 +438,7 @@ def summary_markdown(curves):
 
 
 def _write_outputs(output_dir, curves, start):
-    """Writes every output at once (`results.publish`); returns run_figure1's output paths."""
+    """Writes every output at once (`run_dir.publish`); returns run_figure1's output paths."""
     from keras_bn.train.figure1_plot import plot_figure1
 
     def write_json(path):  # the wall time includes the figure and the CSV, written first

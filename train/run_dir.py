@@ -29,7 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -94,9 +94,45 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
     os.unlink(probe)
 
 
+def json_text(data: Any) -> str:
+    """`data` as the project's JSON files hold it: indented, keys sorted, a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """Writes `data` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_text(data))
+
+
+def publish(
+    output_dir: str | os.PathLike, writers: Mapping[str, Callable[[pathlib.Path], object]]
+) -> dict[str, str]:
+    """Writes a set of files all or none: `atomic_write_text` for several files at once.
+
+    Every writer writes its file into a scratch folder inside `output_dir`, in the order given;
+    only when all have succeeded is each file synced and renamed over the old one. A failing
+    writer leaves the previous outputs as they were, and no partial file.
+
+    Args:
+        output_dir: the folder (created if needed).
+        writers: file name -> `writer(path)`.
+
+    Returns:
+        File name -> its path in `output_dir`.
+    """
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=".outputs-", dir=output_dir))
+    try:
+        for name, write in writers.items():
+            write(scratch / name)
+        for name in writers:
+            with open(scratch / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(scratch / name, output_dir / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {name: str(output_dir / name) for name in writers}
 
 
 class RunDir:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
@@ -46,8 +45,8 @@ from typing import Any
 
 from keras_bn.train import config as config_lib
 from keras_bn.train import evaluation, presets
-from keras_bn.train.results import environment, first_step_at, publish
-from keras_bn.train.run_dir import RunDir
+from keras_bn.train.results import environment, first_step_at
+from keras_bn.train.run_dir import RunDir, json_text, publish
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 MNIST_TRAIN_EXAMPLES = 60_000
@@ -500,8 +499,6 @@ def _write_outputs(model_dir: pathlib.Path, result: dict[str, Any]) -> dict[str,
             "figure2.png": lambda path: plot_figure2(result, path),
             "summary.md": lambda path: path.write_text(summary_markdown(result)),
             "table2.csv": lambda path: path.write_text(curves_csv(result["curves"])),
-            "table2.json": lambda path: path.write_text(
-                json.dumps({**result, "outputs": outputs}, indent=2, sort_keys=True) + "\n"
-            ),
+            "table2.json": lambda path: path.write_text(json_text({**result, "outputs": outputs})),
         },
     )

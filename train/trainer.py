@@ -351,7 +351,8 @@ class Trainer:
             images, labels = self.data.arrays("eval")
             preprocess = self.data.preprocess_batch
             size = self.data.eval_batch_size
-            count = min(int(labels.shape[0]), self.data.eval_limit or int(labels.shape[0]))
+            count = int(labels.shape[0])
+            count = min(count, self.data.eval_limit or count)
             full = count // size
 
             @tf.function(jit_compile=self.jit_compile)
