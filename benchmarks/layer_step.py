@@ -115,7 +115,7 @@ def bench(shape, jit, repeats, suite="bn", warmup=3):
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def _onednn():
+def onednn_state():
     """Whether TensorFlow runs its oneDNN CPU kernels ("on"/"off"). It decides how fast the
     FusedBatchNormV3 kernel is on a CPU, hence the rows without XLA (docs/benchmarks.md);
     TensorFlow has no public query for it."""
@@ -136,7 +136,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"{os.cpu_count()} CPUs, oneDNN {_onednn()}, median of {args.repeats} steps"
+        f"{os.cpu_count()} CPUs, oneDNN {onednn_state()}, median of {args.repeats} steps"
     )
     for suite in args.suite:
         ours, *anchors = names = list(_implementations(suite, 4))

@@ -13,6 +13,11 @@ Usage (the issue's configuration is 224x224, batch 32; the defaults finish in a 
     python benchmarks/model_step.py
     python benchmarks/model_step.py --batch_size=32 --rounds=5 --steps=3
     python benchmarks/model_step.py --mixed_precision   # on a GPU
+    python benchmarks/model_step.py --compare fused --xla off   # our layer: kernel vs XLA
+
+`--compare fused` times our layer twice instead, with each fused implementation forced
+(FusedBatchNormV3 against the XLA formulation, as `layer_step.py --suite fused` does for one
+layer): whether the one-layer difference survives in a whole network.
 """
 
 import argparse
@@ -25,11 +30,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from layer_step import XlaFormulationBN, onednn_state  # noqa: E402  (this folder is on the path)
 
 import keras_bn  # noqa: E402
 from keras_bn import models  # noqa: E402
 
-LAYERS = {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization}
+# --compare: {column name: norm layer}; the first is the ratio's numerator.
+COMPARISONS = {
+    "keras": {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization},
+    "fused": {
+        "kernel": lambda **kwargs: keras_bn.BatchNormalization(fused=True, **kwargs),
+        "xla": XlaFormulationBN,
+    },
+}
 
 
 def _parse_args(argv=None):
@@ -44,6 +57,12 @@ def _parse_args(argv=None):
     parser.add_argument("--xla", choices=["both", "off", "on"], default="both")
     parser.add_argument("--mixed_precision", action="store_true", help="mixed_float16 policy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare",
+        choices=sorted(COMPARISONS),
+        default="keras",
+        help="keras: our layer vs Keras's; fused: our layer with the kernel vs the XLA formulation",
+    )
     args = parser.parse_args(argv)
     if args.image_size < 75:
         parser.error("--image_size must be >= 75 (the smallest input bn_inception takes).")
@@ -90,17 +109,18 @@ def run(args):
     rows = []
     for jit_compile in settings:
         keras.utils.clear_session(free_memory=True)  # drop the previous setting's pair
-        built, compile_s, rates = {}, {}, {name: [] for name in LAYERS}
-        for name, layer in LAYERS.items():
+        layers = COMPARISONS[args.compare]
+        built, compile_s, rates = {}, {}, {name: [] for name in layers}
+        for name, layer in layers.items():
             built[name] = _build(layer, jit_compile, args)
             compile_s[name] = _timed_steps(built[name], images, labels, 1)
             if args.warmup > 1:
                 _timed_steps(built[name], images, labels, args.warmup - 1)
         for _ in range(args.rounds):
-            for name in LAYERS:
+            for name in layers:
                 seconds = _timed_steps(built[name], images, labels, args.steps)
                 rates[name].append(args.steps * args.batch_size / seconds)
-        rows.append((jit_compile, {n: (statistics.median(rates[n]), compile_s[n]) for n in LAYERS}))
+        rows.append((jit_compile, {n: (statistics.median(rates[n]), compile_s[n]) for n in layers}))
         print(_format([rows[-1]], args, header=len(rows) == 1), flush=True)
     return rows
 
@@ -109,17 +129,19 @@ def _format(rows, args, header=True):
     lines = []
     if header:
         policy = "mixed_float16" if args.mixed_precision else "float32"
-        device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        device = (
+            "GPU" if tf.config.list_physical_devices("GPU") else f"CPU, oneDNN {onednn_state()}"
+        )
+        a, b = COMPARISONS[args.compare]
         lines += [
             f"bn_inception train step, {device}, {policy}, batch {args.batch_size}, "
             f"{args.image_size}x{args.image_size}, depth_multiplier {args.depth_multiplier}, "
             f"median of {args.rounds} rounds x {args.steps} steps",
-            "| XLA | keras_bn img/s | keras img/s | ours/keras | first step s (ours / keras) |",
+            f"| XLA | {a} img/s | {b} img/s | {a}/{b} | first step s ({a} / {b}) |",
             "|-----|----------------|-------------|------------|-----------------------------|",
         ]
     for jit_compile, result in rows:
-        ours, ours_first = result["keras_bn"]
-        theirs, theirs_first = result["keras"]
+        (ours, ours_first), (theirs, theirs_first) = result.values()
         lines.append(
             f"| {'on ' if jit_compile else 'off'} | {ours:14.2f} | {theirs:11.2f} | "
             f"{ours / theirs:10.2f} | {ours_first:12.1f} / {theirs_first:<12.1f} |"
