@@ -21,8 +21,8 @@ Targets (2-core CPU): ``bn``: ours <= 0.6x Keras 3 without XLA on the 4-D shapes
 XLA and on the dense shape; ``renorm``: <= 0.6x Keras 3 without XLA, <= 1.0x with XLA;
 ``ghost``: <= 1.0x tf_keras.
 The header says whether TensorFlow runs its oneDNN kernels: where it does not (its default on
-some CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` turns them on), FusedBatchNormV3 is slower on a CPU and
-the rows without XLA miss their targets (docs/benchmarks.md).
+some CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` turns them on), FusedBatchNormV3 is slow on a CPU and our
+layer uses its XLA formulation outside XLA as well (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
 
 
 class XlaFormulationBN(keras_bn.BatchNormalization):
-    """Our layer with the fused path forced to the XLA formulation (no public switch: the
-    default picks it only inside XLA-compiled steps on CPUs)."""
+    """Our layer with the fused path forced to the XLA formulation (no public switch: on a CPU
+    the default picks it inside XLA-compiled steps, and outside them where oneDNN is off)."""
 
     def _fused_implementation(self):
         return "xla"
@@ -116,12 +116,9 @@ def bench(shape, jit, repeats, suite="bn", warmup=3):
 
 
 def onednn_state():
-    """Whether TensorFlow runs its oneDNN CPU kernels ("on"/"off"). It decides how fast the
-    FusedBatchNormV3 kernel is on a CPU, hence the rows without XLA (docs/benchmarks.md);
-    TensorFlow has no public query for it."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return "on" if _pywrap_util_port.IsMklEnabled() else "off"
+    """Whether TensorFlow runs its oneDNN CPU kernels ("on"/"off"): on a CPU it decides which
+    fused implementation our layer uses outside XLA (`keras_bn.fused.default_implementation`)."""
+    return "on" if keras_bn.fused.onednn_enabled() else "off"
 
 
 def main(argv=None):

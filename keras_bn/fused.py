@@ -9,11 +9,12 @@ block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of
   ``jit_compile`` it fuses with its neighbours; it also implements the cross-replica and the
   ghost-batch variants, which the kernel cannot.
 
-Which is faster depends on the machine. On the 2-core CPU of ``docs/benchmarks.md``
-(``python benchmarks/layer_step.py --suite fused``: the layer's training step with each forced)
-the kernel takes 0.65-0.85x the XLA formulation's time outside XLA; inside an outer
-``jit_compile`` neither wins by more than the noise (0.96-1.02x). Hence
-:func:`default_implementation`.
+Which is faster depends on the machine (``python benchmarks/layer_step.py --suite fused``: the
+layer's training step with each forced; tables in ``docs/benchmarks.md``). On CPUs where
+TensorFlow runs its oneDNN kernels the kernel takes 0.65-0.85x the XLA formulation's time
+outside XLA; where it leaves oneDNN off (its default on some CPUs, e.g. without AVX-512),
+TensorFlow's own kernel takes 1.55-1.61x. Inside an outer ``jit_compile`` neither wins by more
+than the noise (0.96-1.02x). Hence :func:`default_implementation`.
 
 Both compute the one training transform of :mod:`keras_bn.transform` (Batch Renormalization
 included: it only changes gamma and beta per channel). Both view the input as ``[A, C]``
@@ -46,11 +47,25 @@ def fused_layout(feature_axes: list[int], rank: int) -> str | None:
 
 
 def default_implementation() -> str:
-    """The fused kernel where a GPU is visible (cuDNN) and on CPUs outside XLA; the XLA
-    formulation when the caller is being compiled by XLA on a CPU (see the module docstring)."""
+    """The fused kernel where a GPU is visible (cuDNN), and on CPUs outside XLA where TensorFlow
+    runs oneDNN; the XLA formulation on CPUs inside XLA compilation or without oneDNN (see the
+    module docstring)."""
     if tf.config.list_logical_devices("GPU"):
         return "kernel"
-    return "xla" if _inside_xla_compilation() else "kernel"
+    if _inside_xla_compilation():
+        return "xla"
+    return "kernel" if onednn_enabled() else "xla"
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (True when it cannot tell)."""
+    try:
+        # No public query; the benchmarks print the same flag.
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover
+        return True
 
 
 def _inside_xla_compilation() -> bool:

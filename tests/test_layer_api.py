@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_bn
+from keras_bn import fused as fused_lib
 
 NON_DEFAULT = dict(
     axis=[1, 3],
@@ -209,19 +210,32 @@ def test_fused_kernel_when_asked(shape, axis, fusable):
     assert "OnesLike" not in ops and "Fill" not in ops
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn_on", "onednn_off"])
 @pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
-def test_default_on_cpu_is_the_kernel_outside_xla_and_the_xla_formulation_inside(
-    shape, axis, fusable
+def test_default_on_cpu_follows_onednn_outside_xla_and_is_the_xla_formulation_inside(
+    shape, axis, fusable, onednn, monkeypatch
 ):
-    # No GPU here. Outside XLA the kernel is faster on CPUs (keras_bn.fused's docstring).
+    # No GPU here. Outside XLA the kernel is faster on CPUs where TensorFlow runs oneDNN, the
+    # XLA formulation where it does not (keras_bn.fused's docstring).
+    monkeypatch.setattr(fused_lib, "onednn_enabled", lambda: onednn)
     ops, xla_calls = _training_step_ops(shape, axis)
-    assert ("FusedBatchNormV3" in ops) == fusable
-    assert xla_calls == 0
+    if onednn:
+        assert ("FusedBatchNormV3" in ops) == fusable
+        assert xla_calls == 0
+    else:
+        assert "FusedBatchNormV3" not in ops
+        assert (xla_calls == 2) == fusable
     # Inside an XLA-compiled step: forward and backward, each one compiled cluster.
     ops, xla_calls = _training_step_ops(shape, axis, jit_compile=True)
     assert "FusedBatchNormV3" not in ops
     assert (xla_calls == 2) == fusable
     assert "OnesLike" not in ops and "Fill" not in ops
+
+
+def test_onednn_enabled_reads_tensorflow():
+    from tensorflow.python.util import _pywrap_util_port
+
+    assert fused_lib.onednn_enabled() == bool(_pywrap_util_port.IsMklEnabled())
 
 
 def test_unfused_uses_plain_ops():
