@@ -19,11 +19,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from keras_bn.train import presets
+from keras_bn.train.run_dir import json_text
 
 # A range check: (predicate on a value that is not None, what the value must be).
 Check = tuple[Callable[[Any], bool], str]
@@ -262,7 +262,7 @@ class TrainConfig:
 
     def to_json(self) -> str:
         """Returns the configuration as indented, key-sorted JSON."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json_text(self.to_dict())
 
     def identity(self) -> dict[str, Any]:
         """Returns the fields that must match for a model_dir to be resumed."""
@@ -272,6 +272,16 @@ class TrainConfig:
     def checkpoint_interval(self) -> int:
         """Steps between checkpoints (defaults to `eval_every`)."""
         return self.checkpoint_every or self.eval_every
+
+    @property
+    def evaluation_batch_size(self) -> int:
+        """The global evaluation batch size (defaults to `batch_size`)."""
+        return self.eval_batch_size or self.batch_size
+
+    @property
+    def eval_limit(self) -> int | None:
+        """How many evaluation examples `eval_steps` batches hold (None: the whole split)."""
+        return self.eval_steps * self.evaluation_batch_size if self.eval_steps else None
 
 
 def settings() -> dict[str, dataclasses.Field]:

@@ -176,16 +176,6 @@ class Data:
             ds = ds.batch(batch_size, drop_remainder=True)
         return _finish(ds)
 
-    @property
-    def eval_batch_size(self) -> int:
-        """The global evaluation batch size: `eval_batch_size`, else `batch_size`."""
-        return self.config.eval_batch_size or self.config.batch_size
-
-    @property
-    def eval_limit(self) -> int | None:
-        """How many evaluation examples `eval_steps` batches hold (None: the whole split)."""
-        return self.config.eval_steps * self.eval_batch_size if self.config.eval_steps else None
-
     def eval_dataset(
         self, batch_size: int | None = None, drop_remainder: bool = False
     ) -> tf.data.Dataset:
@@ -196,7 +186,7 @@ class Data:
             drop_remainder: drop a last, smaller batch (TPUs need static shapes); by default
                 it is kept, so every example is evaluated.
         """
-        batch_size = batch_size or self.eval_batch_size
+        batch_size = batch_size or self.config.evaluation_batch_size
         ds = self._source.eval_examples(batch_size, self.preprocess_batch, self._eval_example)
         if drop_remainder:
             ds = ds.unbatch().batch(batch_size, drop_remainder=True)
@@ -211,8 +201,8 @@ class Data:
         crops). Batches of `eval_batch_size` images; one image per batch where image sizes
         differ (TFDS). `max_images` (default: the images `eval_dataset` gives) in all.
         """
-        limits = [n for n in (self.eval_limit, max_images) if n is not None]
-        return self._source.raw_eval(self.eval_batch_size, min(limits, default=None))
+        limits = [n for n in (self.config.eval_limit, max_images) if n is not None]
+        return self._source.raw_eval(self.config.evaluation_batch_size, min(limits, default=None))
 
     def stats_dataset(self, steps: int) -> tf.data.Dataset:
         """`steps` fresh training batches (after the last training step), for Alg. 2."""
@@ -528,7 +518,7 @@ def _load_synthetic(config: TrainConfig) -> tuple[DataSpec, _Source]:
         raw_shape,
         num_classes=num_classes,
         num_train_examples=SYNTHETIC_TRAIN_EXAMPLES[flat],
-        num_eval_examples=eval_batches * (config.eval_batch_size or config.batch_size),
+        num_eval_examples=eval_batches * config.evaluation_batch_size,
     )
     return spec, _Synthetic(raw_shape, num_classes, config.seed, eval_batches)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -289,7 +288,7 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
     except ImportError as error:
         raise RunError(f"--experiment=figure1 is not available ({error}).") from None
     identity = {"experiment": "figure1", "figure1_arguments": kwargs}
-    config_json = json.dumps({**identity, "model_dir": model_dir}, indent=2, sort_keys=True)
+    config_json = json_text({**identity, "model_dir": model_dir})
     try:
         check_writable(model_dir, "--model_dir")
     except OSError as error:
@@ -299,7 +298,7 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
         "interrupted; --experiment=figure1 keeps no checkpoints (it writes its outputs only at "
         "the end), so running the same command again starts over."
     )
-    with _as_run_errors(interrupted), run_dir.claim(identity, config_json + "\n"):
+    with _as_run_errors(interrupted), run_dir.claim(identity, config_json):
         result = run_figure1(model_dir, **kwargs)
         run_dir.commit()
     return result

@@ -311,14 +311,14 @@ def _train_net(name, settings, model_dir, data=None):
     trainer.train(on_evaluate=record_percentiles)
     train_time = time.perf_counter() - started
     records += trainer.run_dir.metrics()
+    steps_evaluated = [r["step"] for r in records]
     losses = [r.get("train_loss") for r in records]
     bad = next((i for i, v in enumerate(losses[1:], 1) if not math.isfinite(v)), None)
     if bad is not None:
         raise FloatingPointError(
             f"figure1: the {name} net's training loss is {losses[bad]} at step "
-            f"{bad * eval_every}; lower `learning_rate` ({settings['learning_rate']})."
+            f"{steps_evaluated[bad]}; lower `learning_rate` ({settings['learning_rate']})."
         )
-    steps_evaluated = [r["step"] for r in records]
     accuracies = [r["eval_accuracy"] for r in records]
     best = int(np.argmax(accuracies))
     curves = {

@@ -491,14 +491,13 @@ def _member_configs(result) -> list[dict]:
 def _write_outputs(model_dir: pathlib.Path, result: dict[str, Any]) -> dict[str, str]:
     from keras_bn.train.table2_plot import plot_figure2
 
-    names = ("figure2.png", "summary.md", "table2.csv", "table2.json")
-    outputs = {name: str(model_dir / name) for name in names}
-    return publish(
-        model_dir,
-        {
-            "figure2.png": lambda path: plot_figure2(result, path),
-            "summary.md": lambda path: path.write_text(summary_markdown(result)),
-            "table2.csv": lambda path: path.write_text(curves_csv(result["curves"])),
-            "table2.json": lambda path: path.write_text(json_text({**result, "outputs": outputs})),
-        },
-    )
+    writers = {
+        "figure2.png": lambda path: plot_figure2(result, path),
+        "summary.md": lambda path: path.write_text(summary_markdown(result)),
+        "table2.csv": lambda path: path.write_text(curves_csv(result["curves"])),
+        # The JSON lists every output's final path, its own included.
+        "table2.json": lambda path: path.write_text(
+            json_text({**result, "outputs": {name: str(model_dir / name) for name in writers}})
+        ),
+    }
+    return publish(model_dir, writers)

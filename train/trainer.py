@@ -350,9 +350,9 @@ class Trainer:
         if self.in_memory:
             images, labels = self.data.arrays("eval")
             preprocess = self.data.preprocess_batch
-            size = self.data.eval_batch_size
+            size = self.config.evaluation_batch_size
             count = int(labels.shape[0])
-            count = min(count, self.data.eval_limit or count)
+            count = min(count, self.config.eval_limit or count)
             full = count // size
 
             @tf.function(jit_compile=self.jit_compile)
