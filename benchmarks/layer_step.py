@@ -13,7 +13,7 @@ are interleaved within each repetition so machine noise hits all of them alike.
 Suites: ``bn`` (plain BN: ours, Keras 3, tf_keras), ``renorm`` (Batch Renormalization: ours
 against Keras 3's ``renorm=True``), ``ghost`` (ghost batches of a quarter of the batch: ours
 against tf_keras's ``virtual_batch_size``), ``fused`` (our layer with each fused implementation
-forced: FusedBatchNormV3 against the XLA formulation; what ``keras_bn.fused``'s default rests on).
+forced: FusedBatchNormV3 against the XLA formulation; what ``keras_bn.backends.tensorflow``'s default rests on).
 
 Prints the median milliseconds per step and the ratio of the first column to each other one
 (below 1 = the first is faster).
@@ -47,8 +47,7 @@ class XlaFormulationBN(keras_bn.BatchNormalization):
     """Our layer with the fused path forced to the XLA formulation (no public switch: on a CPU
     the default picks it inside XLA-compiled steps, and outside them where oneDNN is off)."""
 
-    def _fused_implementation(self):
-        return "xla"
+    _tf_fused_implementation = "xla"  # read by keras_bn.backends.tensorflow
 
 
 def _implementations(suite, batch):
@@ -117,8 +116,11 @@ def bench(shape, jit, repeats, suite="bn", warmup=3):
 
 def onednn_state():
     """Whether TensorFlow runs its oneDNN CPU kernels ("on"/"off"): on a CPU it decides which
-    fused implementation our layer uses outside XLA (`keras_bn.fused.default_implementation`)."""
-    return "on" if keras_bn.fused.onednn_enabled() else "off"
+    fused implementation our layer uses outside XLA
+    (`keras_bn.backends.tensorflow.default_implementation`)."""
+    from keras_bn.backends import tensorflow as tf_backend
+
+    return "on" if tf_backend.onednn_enabled() else "off"
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ strategy.run, the two nets timed alternately. Prints the median step time, the r
 ours/keras (below 1 = we are faster) and the collectives (all-reduce calls) that the BN
 layers issue per step and replica, counted when the step is traced (the optimizer's
 gradient all-reduce is not counted). keras_bn's exchanges are in-graph sums under
-MirroredStrategy (see keras_bn.moments.all_reduce_sum); Keras's go to the collective runtime.
+MirroredStrategy (see keras_bn.backends.tensorflow.all_reduce_sum); Keras's go to the collective runtime.
 
     python benchmarks/sync_step.py                # ~1-2 minutes on 2 CPU cores
     python benchmarks/sync_step.py --batch 64 --repeats 30
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from tensorflow.python.distribute import distribute_lib  # noqa: E402
 
 import keras_bn  # noqa: E402
-from keras_bn.moments import all_reduce_sum  # noqa: E402
+from keras_bn.backends.tensorflow import all_reduce_sum  # noqa: E402
 
 BN_LAYERS = 4
 # One entry (the calling thread) per cross-replica exchange: a ReplicaContext.all_reduce call

@@ -1,20 +1,25 @@
-"""The Batch Normalization layer (Ioffe & Szegedy, 2015) for Keras 3 on TensorFlow."""
+"""The Batch Normalization layer (Ioffe & Szegedy, 2015) for Keras 3, on every backend.
+
+Written once with ``keras.ops``; ``keras_bn.backends`` holds what differs per backend (how
+per-replica statistics travel, and the fast paths).
+"""
 
 from __future__ import annotations
 
-import math
+import functools
 
 import keras
-import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import constraints, initializers, ops, regularizers
 
-from keras_bn import fused as fused_lib
+from keras_bn import backends, moving_average, transform
 from keras_bn import moments as moments_lib
-from keras_bn import moving_average, transform
+
+# cuDNN's fused kernel (TensorFlow's FusedBatchNormV3) refuses epsilon below 1e-5.
+KERNEL_MIN_EPSILON = 1.001e-5
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
-class BatchNormalization(keras.layers.Layer):
+class BatchNormalization(keras.layers.BatchNormalization):
     """Batch Normalization, exactly as the paper defines it.
 
     In training (``training=True``) the layer normalizes with the statistics of the current
@@ -175,17 +180,19 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # Keras's BatchNormalization.__init__ is skipped on purpose: it casts axis to an int and
+        # checks arguments its own way. Ours is a subclass for isinstance checks only.
+        keras.layers.Layer.__init__(self, **kwargs)
         self.axis = _validate_axis(axis)
         if momentum is not None:
-            momentum = float(momentum)
+            momentum = _number("momentum", momentum)
             if not 0.0 <= momentum < 1.0:
                 raise ValueError(
                     f"momentum must be in [0, 1) (the weight of the old value), or None for a "
                     f"cumulative average; got momentum={momentum}."
                 )
         self.momentum = momentum
-        epsilon = float(epsilon)
+        epsilon = _number("epsilon", epsilon)
         if not epsilon > 0.0:
             raise ValueError(f"epsilon must be > 0; got epsilon={epsilon}.")
         self.epsilon = epsilon
@@ -205,17 +212,19 @@ class BatchNormalization(keras.layers.Layer):
         self.unbiased_variance = bool(unbiased_variance)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False; got fused={fused!r}.")
-        if fused is True and epsilon < fused_lib.KERNEL_MIN_EPSILON:
+        if fused is True and epsilon < KERNEL_MIN_EPSILON:
             raise ValueError(
                 f"fused=True uses FusedBatchNormV3, which needs epsilon >= "
-                f"{fused_lib.KERNEL_MIN_EPSILON}; got epsilon={epsilon}. Use fused=None."
+                f"{KERNEL_MIN_EPSILON}; got epsilon={epsilon}. Use fused=None."
             )
+        self._fused_option = fused
+        # As tf-keras reports it: after build, whether the training transform runs fused.
         self.fused = fused
         self.renorm = bool(renorm)
         self.renorm_clipping, self._clipping = _validate_renorm_clipping(
             self.renorm, renorm_clipping
         )
-        self.renorm_momentum = float(renorm_momentum)
+        self.renorm_momentum = _number("renorm_momentum", renorm_momentum)
         if self.renorm and not 0.0 <= self.renorm_momentum < 1.0:
             raise ValueError(
                 f"renorm_momentum must be in [0, 1) (the weight of the old value of renorm_mean "
@@ -235,8 +244,9 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_stddev = None
         self.moving_count = None
         # Set by keras_bn.population while it measures population statistics (Alg. 2): called
-        # with (mean, biased variance, count) of each training batch instead of updating the
-        # moving statistics. Read when the call is traced.
+        # with (mean, biased variance, count) of each batch the layer normalized with (each
+        # device slice of a JAX batch) instead of updating the moving statistics. Read when
+        # the call is traced.
         self._statistics_observer = None
         self._feature_axes = None
         self._build_rank = None
@@ -265,11 +275,12 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = [
             input_shape[a] if a in self._feature_axes else 1 for a in range(rank)
         ]
-        self._fused_layout = fused_lib.fused_layout(self._feature_axes, rank)
+        self._fused_layout = moments_lib.feature_layout(self._feature_axes, rank)
+        self.fused = self._check_fused(rank)
 
         if self.scale:
             self.gamma = self.add_weight(
-                shape=param_shape,
+                shape=self._param_shape,
                 name="gamma",
                 initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer,
@@ -279,7 +290,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         if self.center:
             self.beta = self.add_weight(
-                shape=param_shape,
+                shape=self._param_shape,
                 name="beta",
                 initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer,
@@ -298,7 +309,7 @@ class BatchNormalization(keras.layers.Layer):
             # (mu, sigma of the renorm paper) used in training. Stddevs start at the square
             # root of the moving variance initializer.
             def stddev_initializer(shape, dtype=None):
-                return tf.sqrt(_clone(self.moving_variance_initializer)(shape, dtype=dtype))
+                return ops.sqrt(_clone(self.moving_variance_initializer)(shape, dtype=dtype))
 
             self.moving_stddev = self._add_statistic("moving_stddev", stddev_initializer, None)
             self.renorm_mean = self._add_statistic(
@@ -309,10 +320,24 @@ class BatchNormalization(keras.layers.Layer):
             # Last, so the first variables are Keras's (see load_own_variables).
             self.moving_count = self._add_statistic("moving_count", initializers.Zeros(), None)
 
+    def _check_fused(self, rank):
+        """Whether the (unmasked) training transform runs fused on this backend; a ValueError
+        for ``fused=True`` where no fused path can run."""
+        backend = backends.current()
+        fusable = backend.fusable(self._feature_axes, rank, self.virtual_batch_size)
+        if self._fused_option is True and not fusable:
+            raise ValueError(
+                f"fused=True, but no fused training transform runs for axis={self.axis} on "
+                f"inputs of rank {rank} with the {keras.backend.backend()} backend "
+                f"({backend.FUSED_PATHS}). Use fused=None (the fastest path that applies)."
+            )
+        return bool(fusable and self._fused_option is not False)
+
     def _add_statistic(self, name, initializer, constraint):
-        # Statistics are synchronized ON_READ: each replica writes its own copy with no
-        # collective. The layer feeds every replica the same (global) update, so the copies stay
-        # identical and the mean read in a cross-replica context equals each of them.
+        # Under tf.distribute, statistics are synchronized ON_READ: each replica writes its own
+        # copy with no collective. The layer feeds every replica the same (global) update, so
+        # the copies stay identical and the mean read in a cross-replica context equals each.
+        # (add_weight takes no `synchronization`; a tracked keras.Variable is what it makes.)
         with keras.name_scope(self.name, caller=self):
             variable = keras.Variable(
                 initializer=initializer,
@@ -343,101 +368,101 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         inputs = self._checked_inputs(inputs)
+        if mask is not None:
+            # Checked in inference too: a wrong mask is a bug wherever it is passed.
+            mask = moments_lib.broadcast_mask(mask, inputs, self._feature_axes)
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
-            self._record_batch_statistics(batch)
+            self._record_batch_statistics(*batch)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
-        return tf.cast(outputs, self.compute_dtype)
+        return ops.cast(outputs, self.compute_dtype)
 
     def _checked_inputs(self, inputs):
         """The inputs, checked against the built shape; integers and booleans are cast to
         float as Keras casts them (``result_type(dtype, "float32")``, i.e. float32)."""
-        if not inputs.dtype.is_floating:
-            inputs = tf.cast(inputs, keras.backend.result_type(inputs.dtype.name, "float32"))
-        rank = inputs.shape.rank
+        inputs = ops.convert_to_tensor(inputs)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            inputs = ops.cast(inputs, keras.backend.result_type(dtype, "float32"))
+        rank = len(inputs.shape)
         if rank != self._build_rank:
             raise ValueError(
                 f"Layer {self.name!r} was built for inputs of rank {self._build_rank} "
                 f"(axis={self.axis}) but was called on inputs of rank {rank} "
-                f"(shape {inputs.shape}). Use a separate layer for each input rank."
+                f"(shape {tuple(inputs.shape)}). Use a separate layer for each input rank."
             )
         got = tuple(inputs.shape[a] for a in self._feature_axes)
         if any(g is not None and g != p for g, p in zip(got, self._param_shape)):
             raise ValueError(
                 f"Layer {self.name!r} was built for {self._param_shape} features on axis "
-                f"{self.axis} but was called on inputs with {got} (shape {inputs.shape}). "
-                "Use a separate layer for each feature size."
+                f"{self.axis} but was called on inputs with {got} (shape "
+                f"{tuple(inputs.shape)}). Use a separate layer for each feature size."
             )
         return inputs
 
     def _params(self, dtype, shape):
         """gamma and beta in the layout ``shape`` (ones / zeros when disabled)."""
-        gamma = (
-            tf.reshape(tf.cast(self.gamma, dtype), shape) if self.scale else tf.ones(shape, dtype)
-        )
-        beta = (
-            tf.reshape(tf.cast(self.beta, dtype), shape) if self.center else tf.zeros(shape, dtype)
-        )
+        gamma = ops.reshape(ops.cast(self.gamma, dtype), shape) if self.scale else 1.0
+        beta = ops.reshape(ops.cast(self.beta, dtype), shape) if self.center else 0.0
         return gamma, beta
+
+    def _statistic(self, variable, shape):
+        return ops.reshape(_read(variable), shape)
 
     def _renorm_state(self, shape):
         """Batch Renormalization's state for this batch (read before the update), or None."""
         if not self.renorm:
             return None
         return transform.Renorm(
-            tf.reshape(tf.convert_to_tensor(self.renorm_mean), shape),
-            tf.reshape(tf.convert_to_tensor(self.renorm_stddev), shape),
-            tf.constant(self._clipping, self._statistics_dtype),
+            self._statistic(self.renorm_mean, shape),
+            self._statistic(self.renorm_stddev, shape),
+            self._clipping,
         )
-
-    def _to_statistics_dtype(self, inputs):
-        return tf.cast(inputs, self._statistics_dtype)
 
     def _normalize_with_moving_statistics(self, inputs):
-        x = self._to_statistics_dtype(inputs)
+        x = ops.cast(inputs, self._statistics_dtype)
         shape = self._broadcast_shape
         gamma, beta = self._params(x.dtype, shape)
-        multiplier, offset = transform.scale_and_offset(
-            tf.reshape(tf.convert_to_tensor(self.moving_mean), shape),
-            tf.reshape(tf.convert_to_tensor(self.moving_variance), shape),
-            gamma,
-            beta,
-            tf.constant(self.epsilon, x.dtype),
-        )
-        return x * multiplier + offset
+        mean = self._statistic(self.moving_mean, shape)
+        variance = self._statistic(self.moving_variance, shape)
+        multiplier = transform.multiplier(variance, gamma, ops.cast(self.epsilon, x.dtype))
+        return transform.apply(x, mean, multiplier, beta)
 
     def _normalize_with_batch_statistics(self, inputs, mask):
-        """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and the
-        batch :class:`Moments` the moving statistics move toward (global when synced)."""
-        replicas = moments_lib.multi_replica_context()
+        """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and
+        ``(estimate, biased variance, moments)``: what the moving statistics move toward
+        (the global batch's, wherever the statistics were taken), the batch's biased variance
+        (renorm's averages move toward it) and the moments it was normalized with."""
+        backend = backends.current()
+        replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
-        if mask is None and self._can_fuse(inputs):
-            outputs, batch = self._fused_training(inputs, synced)
+        # A JAX data-parallel call sees the global batch: per-device statistics are a view.
+        slices = 1 if self.synchronized else backend.device_slices()
+        plan = backend.fused_plan(self, inputs, mask, synced, slices)
+        if plan is not None:
+            outputs, moments, group_axes = plan()
         else:
-            outputs, batch = self._training_transform(inputs, mask, synced)
-        if replicas is not None and synced is None and self._statistics_observer is None:
-            # Local normalization, but every replica's moving statistics receive the same
-            # global-batch update, so the replicas' copies never drift apart. (An observer
-            # measuring Alg. 2 wants the batches the layer actually normalized with.)
-            batch = moments_lib.aggregate_across_replicas(replicas, batch)
-        return outputs, batch
+            outputs, moments, group_axes = self._training_transform(
+                inputs, mask, synced, slices, backend
+            )
+        return outputs, self._population_target(moments, group_axes, replicas, synced, backend)
 
-    def _training_transform(self, inputs, mask, replicas):
-        """The training transform with plain TensorFlow ops (differentiated by autodiff): for
-        masks, ghost batches, float64, and feature axes the fused paths do not handle."""
-        x = self._to_statistics_dtype(inputs)
-        axes, shape = self._reduction_axes, self._broadcast_shape
-        if mask is not None:
-            mask = moments_lib.broadcast_mask(mask, x, self._feature_axes)
-        ghosts = None
-        if self.virtual_batch_size is not None:
-            ghosts = moments_lib.GhostBatches(self.virtual_batch_size)
-            x = ghosts.split(x)
-            mask = None if mask is None else ghosts.split(mask)
-            axes, shape = ghosts.reduction_axes(axes), ghosts.broadcast_shape(shape)
-        batch = moments_lib.batch_moments(x, axes, mask, replicas)
-        epsilon = tf.constant(self.epsilon, x.dtype)
+    def _training_transform(self, inputs, mask, replicas, slices, backend):
+        """The training transform with plain ``keras.ops`` (differentiated by autodiff): for
+        masks, ghost batches, float64, and feature axes the fused paths do not handle.
+        Returns ``(outputs, moments, group axes of the moments)``."""
+        x = ops.cast(inputs, self._statistics_dtype)
+        groups = moments_lib.Groups(slices, self.virtual_batch_size)
+        groups.dynamic_check = getattr(backend, "split_ghost_batches", None)
+        xs = groups.split(x)
+        masks = None if mask is None else groups.split(mask)
+        axes, shape = groups.axes(self._reduction_axes), groups.shape(self._broadcast_shape)
+        if replicas is not None:
+            batch = backend.synced_moments(xs, axes, masks, replicas)
+        else:
+            batch = moments_lib.local_moments(xs, axes, masks)
+        epsilon = ops.cast(self.epsilon, x.dtype)
         multiplier, offset, _ = transform.training_scale_and_offset(
             batch.mean,
             batch.variance,
@@ -445,129 +470,120 @@ class BatchNormalization(keras.layers.Layer):
             epsilon,
             self._renorm_state(shape),
         )
-        outputs = x * multiplier + offset
-        if ghosts is not None:
-            return ghosts.merge(outputs, inputs), ghosts.averaged(batch)
-        return outputs, batch
+        outputs = groups.merge(transform.apply(xs, batch.mean, multiplier, offset), x)
+        return outputs, batch, groups.group_axes()
 
-    def _can_fuse(self, inputs):
-        """Whether the fused paths handle these inputs (masks aside); ghost batches only with
-        the feature axes last."""
-        return (
-            self.fused is not False
-            and self._fused_layout is not None
-            and (self.virtual_batch_size is None or self._fused_layout == "NHWC")
-            and inputs.dtype in fused_lib.SUPPORTED_DTYPES
-            and self._statistics_dtype == "float32"
-        )
-
-    def _fused_training(self, inputs, replicas=None):
-        """The training transform as one fused computation (keras_bn.fused), for any rank;
-        over the global batch when ``replicas`` (a replica context) is given."""
-        channels = math.prod(self._param_shape)
-        gamma = tf.reshape(self.gamma, [channels]) if self.scale else tf.ones([channels])
-        beta = tf.reshape(self.beta, [channels]) if self.center else tf.zeros([channels])
-        args = (
-            inputs,
-            tf.cast(gamma, tf.float32),
-            tf.cast(beta, tf.float32),
-            self.epsilon,
-            self._fused_layout,
-            channels,
-            len(self._feature_axes),
-        )
-        renorm = self._renorm_state([channels])
+    def _population_target(self, moments, group_axes, replicas, synced, backend):
+        """``(estimate, biased variance, moments)`` in the parameter shape from the moments
+        the batch was normalized with (see :meth:`_normalize_with_batch_statistics`)."""
+        moments = moments_lib.Moments(*(ops.stop_gradient(v) for v in moments))
+        count = ops.broadcast_to(moments.count, ops.shape(moments.mean))
+        moments = moments_lib.Moments(count, moments.mean, moments.variance)
+        observed = self._observed(moments, group_axes)
         if self.virtual_batch_size is not None:
-            # Always the XLA formulation: FusedBatchNormV3 has no ghost batches.
-            ghosts = moments_lib.GhostBatches(self.virtual_batch_size)
-            outputs, count, mean, variance = fused_lib.ghost_batch_norm_training(
-                *args[:4], channels, ghosts
+            # Each ghost batch's own estimate (n/(n-1) on its own count), then their average:
+            # over this replica's ghost batches, or every replica's.
+            target = moments_lib.estimate(moments, self.unbiased_variance)
+            if replicas is not None and synced is None:
+                sums = moments_lib.estimate_sums(target)
+                sums = ops.sum(sums, axis=[a + 1 for a in group_axes], keepdims=True)
+                target = moments_lib.estimate_from_sums(replicas.sum(sums))
+            else:
+                target = moments_lib.average_estimates(target, group_axes)
+            target = moments_lib.Estimate(*(self._per_channel(v) for v in target))
+            return target, None, observed  # renorm, which needs the biased variance, is refused
+        if group_axes:
+            # Device slices of a JAX batch: their exact (Chan) merge, on every device.
+            gathered = backend.replicated(
+                ops.stack([moments.count, moments.mean, moments.variance * moments.count])
             )
-            batch = ghosts.averaged(moments_lib.Moments(count, mean[None], variance[None]))
-            return outputs, moments_lib.Moments(
-                *(tf.reshape(v, self._broadcast_shape) for v in batch)
+            moments = moments_lib.merge_rows(*(gathered[i] for i in range(3)), axis=group_axes)
+        elif replicas is not None and synced is None:
+            # Local normalization, but every replica's moving statistics receive the same
+            # global-batch update, so the replicas' copies never drift apart.
+            row = moments_lib.pack_row(
+                moments.count,
+                moments.mean,
+                moments.variance * moments.count,
+                replicas.index,
+                replicas.count,
             )
-        if replicas is not None:
-            outputs, count, mean, variance = fused_lib.synchronized_batch_norm_training(
-                *args, replicas, renorm
-            )
-            count = tf.reshape(count, self._broadcast_shape)
-        else:
-            outputs, mean, variance = fused_lib.batch_norm_training(
-                *args, self._fused_implementation(), renorm
-            )
-            count = moments_lib.values_per_statistic(inputs, self._reduction_axes)
-        batch = moments_lib.Moments(
-            count,
-            tf.reshape(mean, self._broadcast_shape),
-            tf.reshape(variance, self._broadcast_shape),
-        )
-        return outputs, batch
+            moments = moments_lib.merge_packed_rows(replicas.sum(row))
+        moments = moments_lib.Moments(*(self._per_channel(v) for v in moments))
+        target = moments_lib.estimate(moments, self.unbiased_variance)
+        return target, moments.variance, observed
 
-    def _fused_implementation(self):
-        """``fused=True``: the kernel; ``None``: the default, or XLA where the kernel refuses
-        epsilon (``fused=False`` never takes the fused path)."""
-        if self.fused:
-            return "kernel"
-        if self.epsilon < fused_lib.KERNEL_MIN_EPSILON:
-            return "xla"
-        return fused_lib.default_implementation()
+    def _observed(self, moments, group_axes):
+        """The batches Alg. 2 sees, as per-channel :class:`Moments`: the batch; each device
+        slice of a JAX batch; the average over ghost batches (as the moving statistics)."""
+        if not group_axes:
+            return [moments_lib.Moments(*(self._per_channel(v) for v in moments))]
+        if self.virtual_batch_size is not None:
+            averaged = (ops.mean(v, axis=group_axes, keepdims=True) for v in moments)
+            return [moments_lib.Moments(*(self._per_channel(v) for v in averaged))]
+        return [
+            moments_lib.Moments(*(self._per_channel(v[d]) for v in moments))
+            for d in range(moments.mean.shape[0])
+        ]
+
+    def _per_channel(self, value):
+        """A statistic in the parameter shape (from a keepdims or merged layout)."""
+        return ops.reshape(value, self._param_shape)
 
     # ------------------------------------------------------------------- moving statistics
 
-    def _record_batch_statistics(self, batch):
-        shape = self._param_shape
-        count = tf.reshape(tf.broadcast_to(batch.count, tf.shape(batch.mean)), shape)
-        mean = tf.stop_gradient(tf.reshape(batch.mean, shape))
-        variance = tf.stop_gradient(tf.reshape(batch.variance, shape))
-        count = tf.stop_gradient(count)
+    def _record_batch_statistics(self, target, biased, moments):
         if self._statistics_observer is not None:
-            self._statistics_observer(mean, variance, count)
+            # Alg. 2 wants the batches the layer actually normalized with.
+            for batch in moments:
+                self._statistics_observer(batch.mean, batch.variance, batch.count)
             return
-        self._update_moving_statistics(mean, variance, count)
+        self._update_moving_statistics(target, biased)
 
-    def _update_moving_statistics(self, mean, variance, count):
+    def _update_moving_statistics(self, target, biased):
         """Moves the population estimates toward this batch, channel by channel.
 
-        Channels whose batch gave n <= 1 values or non-finite statistics keep their values.
+        Channels whose batch gave no value or non-finite statistics keep their values; with
+        ``unbiased_variance`` a channel with one value moves its mean only (``n/(n-1)`` is
+        undefined for its variance). With ``momentum=None`` a channel moves only when both
+        are usable, so one count of batches seen weighs both.
         """
         if self.momentum is None:
-            seen = tf.convert_to_tensor(self.moving_count)
+            target = target._replace(mean_ok=target.variance_ok)
+            seen = _read(self.moving_count)
             weight = 1.0 / (seen + 1.0)
         else:
-            weight = tf.constant(1.0 - self.momentum, mean.dtype)
-        old_mean = tf.convert_to_tensor(self.moving_mean)
-        old_variance = tf.convert_to_tensor(self.moving_variance)
+            weight = 1.0 - self.momentum
+        old_mean = _read(self.moving_mean)
+        old_variance = _read(self.moving_variance)
+        update = _compiled_update(backends.current(), self.renorm)
         if self.renorm:
-            moved = moving_average.renorm_moved_toward_batch(
+            moved = update(
                 old_mean,
-                tf.convert_to_tensor(self.moving_stddev),
-                tf.convert_to_tensor(self.renorm_mean),
-                tf.convert_to_tensor(self.renorm_stddev),
-                mean,
-                variance,
-                count,
+                _read(self.moving_stddev),
+                old_variance,
+                _read(self.renorm_mean),
+                _read(self.renorm_stddev),
+                target,
+                biased,
                 weight,
-                tf.constant(1.0 - self.renorm_momentum, mean.dtype),
-                self.unbiased_variance,
-                tf.constant(self.epsilon, mean.dtype),
+                1.0 - self.renorm_momentum,
+                self.epsilon,
             )
-            new_mean, new_stddev, new_variance, new_renorm_mean, new_renorm_stddev, usable = moved
+            new_mean, new_stddev, new_variance, new_renorm_mean, new_renorm_stddev = moved
             self.moving_stddev.assign(new_stddev)
             self.renorm_mean.assign(new_renorm_mean)
             self.renorm_stddev.assign(new_renorm_stddev)
         else:
-            new_mean, new_variance, usable = moving_average.moved_toward_batch(
-                old_mean, old_variance, mean, variance, count, weight, self.unbiased_variance
-            )
+            new_mean, new_variance = update(old_mean, old_variance, target, weight)
         if self.momentum is None:
-            self.moving_count.assign(tf.where(usable, seen + 1.0, seen))
-        for variable, old, new in (
-            (self.moving_mean, old_mean, new_mean),
-            (self.moving_variance, old_variance, new_variance),
+            self.moving_count.assign(ops.where(target.variance_ok, seen + 1.0, seen))
+        for variable, old, new, usable in (
+            (self.moving_mean, old_mean, new_mean, target.mean_ok),
+            (self.moving_variance, old_variance, new_variance, target.variance_ok),
         ):
             if variable.constraint is not None:
-                new = tf.where(usable, variable.constraint(new), old)
+                new = ops.where(usable, variable.constraint(new), old)
             variable.assign(new)
 
     # ------------------------------------------------------------- weights from Keras's layer
@@ -583,7 +599,7 @@ class BatchNormalization(keras.layers.Layer):
         if self.moving_count is not None and len(store.keys()) == len(self.variables) - 1:
             for i, variable in enumerate(self._keras_variables()):
                 variable.assign(store[str(i)])
-            self.moving_count.assign(tf.ones_like(self.moving_count))
+            self.moving_count.assign(ops.ones(self._param_shape))
             return
         super().load_own_variables(store)
 
@@ -591,7 +607,7 @@ class BatchNormalization(keras.layers.Layer):
         """As ``keras.layers.Layer.set_weights``; also takes the weights of Keras's layer
         (without ``moving_count``, which then starts at 1: see :meth:`load_own_variables`)."""
         if self.moving_count is not None and len(weights) == len(self.weights) - 1:
-            weights = list(weights) + [tf.ones_like(self.moving_count)]
+            weights = list(weights) + [ops.ones(self._param_shape)]
         super().set_weights(weights)
 
     def _keras_variables(self):
@@ -629,17 +645,33 @@ class BatchNormalization(keras.layers.Layer):
                 "renorm_momentum": self.renorm_momentum,
                 "synchronized": self.synchronized,
                 "unbiased_variance": self.unbiased_variance,
-                "fused": self.fused,
+                "fused": self._fused_option,
                 "virtual_batch_size": self.virtual_batch_size,
             }
         )
         return config
 
 
+def _number(name, value):
+    """``value`` as a float, or a ValueError naming the argument."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number; got {name}={value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number; got {name}={value!r}.") from None
+
+
 def _validate_renorm_clipping(renorm, clipping):
-    """``(config value, (rmin, rmax, dmax))`` with Keras's checks and messages."""
+    """``(config value, (rmin, rmax, dmax))`` with Keras's checks and messages, and the
+    defaults (0, inf, inf) taken into account: an empty range is refused."""
     if not renorm:
         return clipping, (0.0, float("inf"), float("inf"))
+    if clipping is not None and not isinstance(clipping, dict):
+        raise ValueError(
+            f"renorm_clipping must be a dict with keys 'rmin', 'rmax', 'dmax' or None; got "
+            f"renorm_clipping={clipping!r}."
+        )
     clipping = dict(clipping or {})
     keys = ["rmax", "rmin", "dmax"]
     if set(clipping) - set(keys):
@@ -647,22 +679,22 @@ def _validate_renorm_clipping(renorm, clipping):
             f"Received invalid keys for `renorm_clipping` argument: {clipping}. "
             f"Supported values: {keys}."
         )
-    rmax, rmin, dmax = (clipping.get(k) for k in keys)
-    if rmax is not None and rmin is not None and rmax < rmin:
+    given = {k: _number(f"renorm_clipping[{k!r}]", v) for k, v in clipping.items()}
+    rmin = given.get("rmin", 0.0)
+    rmax = given.get("rmax", float("inf"))
+    dmax = given.get("dmax", float("inf"))
+    if rmax < rmin:
         raise ValueError(
             f"rmax should be greater than rmin in the `renorm_clipping` argument. "
-            f"Received: rmax={rmax}, rmin={rmin}."
+            f"Received: rmax={rmax}, rmin={rmin}"
+            + ("" if "rmin" in given else " (the default rmin)")
+            + "."
         )
-    if dmax is not None and dmax < 0:
+    if dmax < 0:
         raise ValueError(
             f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
         )
-    bounds = (
-        0.0 if rmin is None else float(rmin),
-        float("inf") if rmax is None else float(rmax),
-        float("inf") if dmax is None else float(dmax),
-    )
-    return clipping, bounds
+    return clipping, (rmin, rmax, dmax)
 
 
 def _validate_virtual_batch_size(size, synchronized, renorm):
@@ -686,6 +718,20 @@ def _validate_virtual_batch_size(size, synchronized, renorm):
             "Renormalization's Alg. 1). Use one of them."
         )
     return size
+
+
+def _read(variable):
+    """A variable's current value as a tensor (``.value``: JAX's traced state inside ``fit``;
+    the copy makes TensorFlow read it instead of capturing the variable)."""
+    return ops.copy(variable.value)
+
+
+@functools.cache
+def _compiled_update(backend, renorm):
+    """The moving-average update, compiled by the backend where that pays (TensorFlow)."""
+    if renorm:
+        return backend.compiled(moving_average.renorm_moved_toward_batch)
+    return backend.compiled(moving_average.moved_toward_batch)
 
 
 def _clone(initializer):

@@ -1,48 +1,80 @@
-"""Batch moments for Batch Normalization: local, masked, across replicas, and ghost batches.
+"""Batch moments for Batch Normalization, written once with ``keras.ops``.
 
-The layer's statistics come from one interface, :func:`batch_moments` (local or cross-replica,
-with or without a mask); ghost batches (:class:`GhostBatches`) are a view of the input that
-gives each ghost batch its own statistics through the same interface. Small pure functions
-shared by the layer and by the population-statistics pass. Every function
-returns :class:`Moments` in the *keepdims* layout (size 1 on the reduction axes), so the results
-broadcast against the input. Counts come from shapes (or from the mask), never from a tensor of
-ones the size of the input.
+Every way the layer takes statistics goes through one view of the batch, :class:`Groups`: the
+batch axis split into groups that are each normalized with their own statistics.
 
-Cross-replica merge. Each replica reduces its own values to ``(n_r, mean_r, M2_r)`` per channel
-with a two-pass formula and writes them into its own row of an ``R x 3 x C`` tensor of zeros;
-ONE all-reduce (sum) then gives every replica all rows, and each merges them with Chan et al.'s
-parallel formula ``mean = sum n_r mean_r / N``,
+- plain Alg. 1: one group (the whole batch the call sees);
+- a JAX data-parallel batch, which the call sees whole: one group per device slice
+  (``[devices, batch / devices, ...]``, contiguous, as the batch is sharded), so each device
+  normalizes its own examples, as a TensorFlow replica or a torch rank does;
+- ghost batches (tf-keras's ``virtual_batch_size``): inside each device slice, ghost batch ``j``
+  holds examples ``j, j + M/v, j + 2M/v, ...`` of the slice's ``M`` examples, as tf-keras groups
+  them.
+
+Statistics come back as :class:`Moments` in the keepdims layout of the split view (size 1 on
+the reduction axes) so they broadcast against it. Counts come from shapes or the mask, never
+from a tensor of ones.
+
+Merging groups exactly. Each replica (or device slice) reduces its own values to
+``(n_r, mean_r, M2_r)`` per channel with a two-pass formula; :func:`merge_rows` combines rows
+with Chan et al.'s parallel formula ``mean = sum n_r mean_r / N``,
 ``M2 = sum M2_r + sum n_r (mean_r - mean)^2``. Nothing subtracts large raw sums, so the result
 keeps float32 precision for data far from zero, where ``E[x^2] - E[x]^2`` (Keras 3, PyTorch's
-SyncBatchNorm) loses it. Replicas are weighted by their real counts: uneven and empty replicas
-give the global result. The all-reduce carries ``3 R C`` floats (Keras 3 sends ``3 C`` in three
-collectives); for a few hundred replicas and C in the thousands this is still well under a
-megabyte per layer.
-
-Each exchange goes through :func:`all_reduce_sum`: under MirroredStrategy, whose replicas share one
-process and one graph, that is an in-graph sum instead of a call into the collective runtime.
+SyncBatchNorm) loses it; replicas are weighted by their real counts, so uneven and empty ones
+give the global result. How rows travel between replicas is each backend's business
+(``keras_bn.backends``).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import tensorflow as tf
+from keras import ops
 
 
 class Moments(NamedTuple):
-    """Statistics of a batch, in the keepdims layout of the input.
+    """Statistics of a batch (or of each group), broadcastable against the input's view.
 
     Attributes:
-        count: number of values behind each statistic (float, broadcastable to ``mean``;
-            a scalar when every channel sees the same number of values).
+        count: number of values behind each statistic (float; broadcastable to ``mean``).
         mean: the batch mean.
         variance: the *biased* batch variance (ddof=0), as Alg. 1 of the paper uses.
     """
 
-    count: tf.Tensor
-    mean: tf.Tensor
-    variance: tf.Tensor
+    count: object
+    mean: object
+    variance: object
+
+
+class Estimate(NamedTuple):
+    """What the moving statistics move toward, per channel.
+
+    Attributes:
+        mean, variance: the batch's mean and its population variance (``n/(n-1)``-corrected
+            when the layer is unbiased).
+        mean_ok, variance_ok: boolean masks of the channels whose mean (at least one finite
+            value) and variance (finite, and more than one value when corrected) are usable;
+            the others keep their moving values.
+        count: the values behind each channel's estimate (what Alg. 2 weighs batches by).
+    """
+
+    mean: object
+    variance: object
+    mean_ok: object
+    variance_ok: object
+    count: object
+
+
+def feature_layout(feature_axes: list[int], rank: int) -> str | None:
+    """ "NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
+    are a contiguous block right after the batch axis, else None (no fused path)."""
+    if feature_axes != list(range(feature_axes[0], feature_axes[-1] + 1)):
+        return None
+    if feature_axes[-1] == rank - 1:
+        return "NHWC"
+    if feature_axes[0] == 1:
+        return "NCHW"
+    return None
 
 
 def reduction_axes(rank: int, feature_axes: list[int]) -> list[int]:
@@ -50,19 +82,15 @@ def reduction_axes(rank: int, feature_axes: list[int]) -> list[int]:
     return [a for a in range(rank) if a not in feature_axes]
 
 
-def values_per_statistic(x: tf.Tensor, axes: list[int], dtype=tf.float32) -> tf.Tensor:
+def values_per_statistic(x, axes, dtype="float32"):
     """Number of values each channel's statistic is taken over, from the shape of ``x``."""
-    static = [x.shape[a] for a in axes]
-    if all(d is not None for d in static):
-        n = 1
-        for d in static:
-            n *= d
-        return tf.constant(float(n), dtype)
-    shape = tf.shape(x)
-    return tf.cast(tf.reduce_prod(tf.gather(shape, axes)), dtype)
+    n = 1
+    for a in axes:
+        n = n * x.shape[a] if x.shape[a] is not None else n * ops.shape(x)[a]
+    return ops.cast(n, dtype)
 
 
-def broadcast_mask(mask: tf.Tensor, x: tf.Tensor, feature_axes: list[int]) -> tf.Tensor:
+def broadcast_mask(mask, x, feature_axes: list[int]):
     """Boolean mask broadcast to the shape of ``x``.
 
     ``mask`` either has the rank of ``x`` (broadcastable to it), or one axis fewer: Keras's
@@ -70,100 +98,114 @@ def broadcast_mask(mask: tf.Tensor, x: tf.Tensor, feature_axes: list[int]) -> tf
     the LAST axis whatever the feature axis is. With several feature axes, a mask that lacks
     exactly those axes is also accepted (expanded on each of them).
     """
-    mask = tf.cast(mask, tf.bool)
-    rank = x.shape.rank
-    if mask.shape.rank == rank - 1:
-        mask = tf.expand_dims(mask, -1)
-    elif len(feature_axes) > 1 and mask.shape.rank == rank - len(feature_axes):
+    rank = len(x.shape)
+    mask = ops.cast(mask, "bool")
+    mask_rank = len(mask.shape)
+    if mask_rank == rank - 1:
+        mask = ops.expand_dims(mask, -1)
+    elif len(feature_axes) > 1 and mask_rank == rank - len(feature_axes):
         for a in sorted(feature_axes):
-            mask = tf.expand_dims(mask, a)
-    elif mask.shape.rank != rank:
+            mask = ops.expand_dims(mask, a)
+    elif mask_rank != rank:
         raise ValueError(
             f"mask must have the rank of the inputs ({rank}) or one less (Keras's convention: "
-            f"inputs.shape[:-1]); got mask of shape {mask.shape} for inputs of shape {x.shape}."
+            f"inputs.shape[:-1]); got mask of shape {tuple(mask.shape)} for inputs of shape "
+            f"{tuple(x.shape)}."
         )
-    try:
-        return tf.broadcast_to(mask, tf.shape(x))
-    except (tf.errors.InvalidArgumentError, ValueError) as error:
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to the inputs' shape {x.shape} "
-            "(a mask of rank(inputs) - 1 must be inputs.shape[:-1], as in Keras)."
-        ) from error
+    for m, d in zip(mask.shape, x.shape):
+        if m is not None and d is not None and m not in (1, d):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the inputs' shape "
+                f"{tuple(x.shape)} (a mask of rank(inputs) - 1 must be inputs.shape[:-1], as "
+                "in Keras)."
+            )
+    return ops.broadcast_to(mask, ops.shape(x))
 
 
-def batch_moments(
-    x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None, replica_context=None
-) -> Moments:
-    """The batch statistics Alg. 1 normalizes with, differentiable in ``x``.
+class Groups:
+    """The batch axis of the inputs split into groups with statistics of their own.
 
-    The one statistics source of the layer's generic path: this device's batch, or the global
-    batch of every replica when ``replica_context`` is given (:func:`cross_replica_moments`);
-    ``mask`` (of ``x``'s shape) excludes entries from the statistics and the count.
-    """
-    if replica_context is not None:
-        return cross_replica_moments(x, axes, replica_context, mask)
-    return local_moments(x, axes, mask)
-
-
-class GhostBatches:
-    """Ghost batch normalization's view of a batch (Hoffer et al., 2017), grouped as tf-keras.
-
-    tf-keras reshapes a batch of N examples to ``[virtual_batch_size, N / virtual_batch_size,
-    ...]`` and takes statistics over the first axis, so ghost batch ``j`` holds examples
-    ``j, j + N/v, j + 2N/v, ...`` (``v`` examples each, ``N/v`` ghost batches). The moving
-    statistics move toward the plain average of the ghost batches' means and variances.
+    The view is ``[slices, (ghost,) rest, ...]``: ``slices`` contiguous blocks of the batch
+    (device slices of a JAX data-parallel batch; 1 otherwise), then, with ghost batches, each
+    block of ``M`` examples as ``[virtual_batch_size, M / virtual_batch_size]`` with statistics
+    over the first of the two (tf-keras's strided grouping). Statistics are taken over the
+    ghost axis (or the block's examples) and the non-feature axes.
 
     Args:
-        size: ``virtual_batch_size``, the number of examples in each ghost batch.
+        slices: number of contiguous blocks of the batch (devices).
+        ghost_size: ``virtual_batch_size`` or None.
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, slices: int = 1, ghost_size: int | None = None):
+        self.slices = slices
+        self.ghost_size = ghost_size
+        # A backend's check for a batch size known only when the step runs (TensorFlow).
+        self.dynamic_check = None
 
-    def split(self, x: tf.Tensor) -> tf.Tensor:
-        """``x`` of shape ``[N, ...]`` as ``[size, N / size, ...]``; N must be a multiple."""
-        batch = x.shape[0]
-        message = (
-            f"virtual_batch_size={self.size} must divide the batch size in training; "
-            f"got a batch of {batch if batch is not None else 'dynamic size'} examples"
-        )
-        if batch is not None and batch % self.size:
-            raise ValueError(f"{message}. Use a batch size that is a multiple of {self.size}.")
-        checks = []
+    @property
+    def trivial(self) -> bool:
+        return self.slices == 1 and self.ghost_size is None
+
+    def check(self, batch):
+        """Raises a ValueError naming both sizes when the batch does not split evenly."""
         if batch is None:
-            checks.append(
-                tf.debugging.assert_equal(
-                    tf.math.floormod(tf.shape(x)[0], self.size), 0, message=message
-                )
+            return
+        if batch % self.slices:
+            raise ValueError(
+                f"a batch of {batch} examples does not split evenly over {self.slices} devices."
             )
-        with tf.control_dependencies(checks):
-            return tf.reshape(x, tf.concat([[self.size, -1], tf.shape(x)[1:]], 0))
+        if self.ghost_size is not None and (batch // self.slices) % self.ghost_size:
+            per = "" if self.slices == 1 else f" on each of {self.slices} devices"
+            raise ValueError(
+                f"virtual_batch_size={self.ghost_size} must divide the batch size in training; "
+                f"got a batch of {batch // self.slices} examples{per}. Use a batch size that "
+                f"is a multiple of {self.ghost_size * self.slices}."
+            )
 
-    @staticmethod
-    def merge(y: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    def split(self, x):
+        """``x`` of shape ``[N, ...]`` in the view ``[slices, (ghost_size,) N', ...]``."""
+        if self.trivial:
+            return x
+        self.check(x.shape[0])
+        if x.shape[0] is None and self.dynamic_check is not None and self.slices == 1:
+            return ops.expand_dims(self.dynamic_check(x, self.ghost_size), 0)
+        rest = list(x.shape[1:]) if None not in x.shape[1:] else list(ops.shape(x)[1:])
+        lead = [self.slices] + ([self.ghost_size] if self.ghost_size is not None else [])
+        return ops.reshape(x, lead + [-1] + rest)
+
+    def merge(self, y, like):
         """Undoes :meth:`split`: ``y`` back in the shape of ``like``."""
-        return tf.reshape(y, tf.shape(like))
+        if self.trivial:
+            return y
+        shape = list(like.shape) if None not in like.shape else ops.shape(like)
+        return ops.reshape(y, shape)
 
-    @staticmethod
-    def reduction_axes(axes: list[int]) -> list[int]:
-        """Statistics axes in the split view: the ghost axis 0 and the non-batch ``axes``."""
-        return [0] + [a + 1 for a in axes if a != 0]
+    @property
+    def lead(self) -> int:
+        """Axes the view puts before the input's own axes (minus the batch axis)."""
+        return 0 if self.trivial else (1 + (self.ghost_size is not None))
 
-    @staticmethod
-    def broadcast_shape(shape: list) -> list:
-        """A keepdims shape of the input, in the split view."""
-        return [1] + list(shape)
+    def axes(self, axes: list[int]) -> list[int]:
+        """Statistics axes in the view, from the input's reduction ``axes`` (which hold 0)."""
+        if self.trivial:
+            return axes
+        if self.ghost_size is not None:
+            return [1] + [a + 2 for a in axes if a != 0]
+        return [a + 1 for a in axes]
 
-    @staticmethod
-    def averaged(moments: Moments) -> Moments:
-        """The moments the moving statistics move toward: the average over ghost batches
-        (as tf-keras), back in the keepdims layout of the unsplit input."""
-        count = tf.broadcast_to(moments.count, tf.shape(moments.mean))
-        return Moments(*(tf.reduce_mean(v, 1) for v in (count, moments.mean, moments.variance)))
+    def shape(self, shape: list) -> list:
+        """A keepdims shape of the input, in the view."""
+        return [1] * self.lead + list(shape)
+
+    def group_axes(self):
+        """Axes of the statistics' layout that index groups (device slice, ghost batch)."""
+        if self.trivial:
+            return []
+        return [0, 2] if self.ghost_size is not None else [0]
 
 
-def local_moments(x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None) -> Moments:
-    """Count, mean and biased variance of ``x`` over ``axes`` on this device (differentiable).
+def local_moments(x, axes, mask=None) -> Moments:
+    """Count, mean and biased variance of ``x`` over ``axes`` (differentiable, keepdims).
 
     Args:
         x: float tensor.
@@ -171,168 +213,119 @@ def local_moments(x: tf.Tensor, axes: list[int], mask: tf.Tensor | None = None) 
         mask: optional boolean tensor of ``x``'s shape (see :func:`broadcast_mask`);
             masked-out entries are excluded from the statistics and from the count.
 
-    An empty batch gives ``count == 0`` and a mean/variance that callers must not use as
-    population statistics (the layer leaves its moving statistics untouched then).
+    An empty batch (or group) gives ``count == 0``, mean 0 and variance 0, with finite
+    gradients; callers must not use them as population statistics.
+    """
+    count, mean, m2 = rows(x, axes, mask)
+    return Moments(count, mean, m2 / ops.maximum(count, 1.0))
+
+
+def rows(x, axes, mask=None):
+    """``(count, mean, M2)`` over ``axes`` (keepdims), two-pass, safe for empty inputs.
+
+    ``count`` has the shape of ``mean``. Differentiable; masked entries may hold any value,
+    even inf/nan (``where``, not a product, keeps them out).
     """
     if mask is None:
         count = values_per_statistic(x, axes, x.dtype)
-        mean, variance = tf.nn.moments(x, axes, keepdims=True)
-        return Moments(count, mean, variance)
-    count = tf.reduce_sum(tf.cast(mask, x.dtype), axes, keepdims=True)
-    safe_count = tf.maximum(count, 1.0)
-    # tf.where, not a product: masked entries may hold padding garbage, even inf/nan.
-    mean = tf.reduce_sum(tf.where(mask, x, 0.0), axes, keepdims=True) / safe_count
-    centered = tf.where(mask, x - mean, 0.0)
-    variance = tf.reduce_sum(tf.square(centered), axes, keepdims=True) / safe_count
-    return Moments(count, mean, variance)
+        safe = ops.maximum(count, 1.0)
+        mean = ops.sum(x, axis=axes, keepdims=True) / safe
+        m2 = ops.sum(ops.square(x - mean), axis=axes, keepdims=True)
+        return ops.broadcast_to(count, ops.shape(mean)), mean, m2
+    count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
+    safe = ops.maximum(count, 1.0)
+    mean = ops.sum(ops.where(mask, x, 0.0), axis=axes, keepdims=True) / safe
+    m2 = ops.sum(ops.square(ops.where(mask, x - mean, 0.0)), axis=axes, keepdims=True)
+    return count, mean, m2
 
 
-def _local_sums(x, axes, mask):
-    """(count, mean, M2) with a safe mean for empty inputs; not meant to be differentiated."""
-    if mask is None:
-        count = values_per_statistic(x, axes, x.dtype)
-        safe = tf.maximum(count, 1.0)
-        mean = tf.reduce_sum(x, axes, keepdims=True) / safe
-        m2 = tf.reduce_sum(tf.square(x - mean), axes, keepdims=True)
-    else:
-        count = tf.reduce_sum(tf.cast(mask, x.dtype), axes, keepdims=True)
-        safe = tf.maximum(count, 1.0)
-        mean = tf.reduce_sum(tf.where(mask, x, 0.0), axes, keepdims=True) / safe
-        m2 = tf.reduce_sum(tf.square(tf.where(mask, x - mean, 0.0)), axes, keepdims=True)
-    return tf.broadcast_to(count, tf.shape(mean)), mean, m2
+def merge_rows(counts, means, m2s, axis=0) -> Moments:
+    """Chan et al.'s exact merge of per-replica ``(count, mean, M2)`` along ``axis``.
 
-
-def all_reduce_sum(replica_context, value: tf.Tensor) -> tf.Tensor:
-    """The sum of ``value`` over all replicas, as one exchange; every replica gets the result.
-
-    Under MirroredStrategy (all replicas in this process, traced into one graph) the sum is an
-    ``add_n`` on one replica's device followed by copies back, reached through ``merge_call``:
-    the same synchronization point ``ReplicaContext.all_reduce`` uses there, minus the collective
-    runtime's fixed cost per call (about 0.35 ms per all-reduce on 2 CPU replicas, against
-    0.02 ms for the in-graph sum; it sits on the critical path twice per layer and step).
-    Everywhere else (MultiWorkerMirroredStrategy, TPUStrategy, and MirroredStrategy inside an
-    XLA-compiled step on GPUs, where the strategy itself avoids ``merge_call``) it is
-    ``replica_context.all_reduce``.
-
-    Callers use it inside custom gradients or on stopped gradients: the in-graph path is not
-    meant to be differentiated.
+    Returns the merged :class:`Moments` (biased variance; an empty global batch gives count 0,
+    mean 0 and variance 0), keeping ``axis`` with size 1.
     """
-    if _sums_in_graph(replica_context.strategy):
-        reducer = tf.distribute.ReductionToOneDevice()
-        return replica_context.merge_call(
-            lambda _, per_replica: reducer.reduce(
-                tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
-            ),
-            args=(value,),
-        )
-    return replica_context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    n = ops.sum(counts, axis=axis, keepdims=True)
+    safe = ops.maximum(n, 1.0)
+    mean = ops.sum(counts * means, axis=axis, keepdims=True) / safe
+    spread = ops.sum(counts * ops.square(means - mean), axis=axis, keepdims=True)
+    return Moments(n, mean, (ops.sum(m2s, axis=axis, keepdims=True) + spread) / safe)
 
 
-def _sums_in_graph(strategy) -> bool:
-    if not isinstance(strategy, tf.distribute.MirroredStrategy):
-        return False
-    # MirroredStrategy's own test for whether merge_call is usable here (it is not inside an
-    # XLA-compiled replica function on GPUs); if a TF release drops it, use the collectives.
-    uses_merge_call = getattr(strategy.extended, "_use_merge_call", None)
-    return bool(callable(uses_merge_call) and uses_merge_call())
-
-
-def merge_across_replicas(replica_context, count: tf.Tensor, mean: tf.Tensor, m2: tf.Tensor):
-    """Merges per-replica ``(count, mean, M2)`` with ONE all-reduce (see the module docstring).
-
-    All arguments have the same shape. Returns the global :class:`Moments` (biased variance;
-    an empty global batch gives count 0, mean 0 and variance 0).
-    """
-    replicas = replica_context.num_replicas_in_sync
-    slot = pack_into_replica_row(
-        count, mean, m2, replica_context.replica_id_in_sync_group, replicas
-    )
-    return merge_replica_rows(all_reduce_sum(replica_context, slot))
-
-
-def pack_into_replica_row(count, mean, m2, replica_id, replicas: int) -> tf.Tensor:
-    """``[R, 3, ...]`` zeros holding this replica's ``(count, mean, M2)`` in row ``replica_id``:
-    summed over replicas, every replica gets every row."""
-    packed = tf.stack([count, mean, m2])
-    slot = tf.one_hot(replica_id, replicas, dtype=packed.dtype)
-    slot = tf.reshape(slot, [replicas] + [1] * packed.shape.rank)
+def pack_row(count, mean, m2, index, replicas: int):
+    """``[R, 3, ...]`` zeros holding one replica's ``(count, mean, M2)`` in row ``index``:
+    summed over replicas (one all-reduce), every replica has every row."""
+    packed = ops.stack([count, mean, m2])
+    slot = ops.cast(ops.equal(ops.arange(replicas), index), packed.dtype)
+    slot = ops.reshape(slot, [replicas] + [1] * len(packed.shape))
     return slot * packed[None]
 
 
-def merge_replica_rows(gathered: tf.Tensor) -> Moments:
-    """Chan et al.'s exact merge of the ``[R, 3, ...]`` rows of every replica (pure, so it can
-    be traced into a compiled function)."""
-    counts, means, m2s = tf.unstack(gathered, axis=1)
-    n = tf.reduce_sum(counts, 0)
-    safe = tf.maximum(n, 1.0)
-    global_mean = tf.reduce_sum(counts * means, 0) / safe
-    spread = tf.reduce_sum(counts * tf.square(means - global_mean), 0)
-    return Moments(n, global_mean, (tf.reduce_sum(m2s, 0) + spread) / safe)
+def merge_packed_rows(gathered) -> Moments:
+    """:func:`merge_rows` of ``[R, 3, ...]`` rows (see :func:`pack_row`), without the R axis."""
+    merged = merge_rows(gathered[:, 0], gathered[:, 1], gathered[:, 2], axis=0)
+    return Moments(*(v[0] for v in merged))
 
 
-def cross_replica_moments(
-    x: tf.Tensor,
-    axes: list[int],
-    replica_context,
-    mask: tf.Tensor | None = None,
-) -> Moments:
-    """Global moments over every replica's ``x``: one all-reduce forward, one backward.
-
-    Differentiable in ``x``. The gradient sums the upstream gradients of the (shared) global
-    mean and variance over replicas in one packed all-reduce, then applies
-    ``dmean/dx = 1/N`` and ``dvar/dx = 2 (x - mean) / N`` locally (masked entries get zero).
-
-    Args:
-        x: this replica's float inputs (may be empty).
-        axes: reduction axes.
-        replica_context: the current ``tf.distribute.ReplicaContext``.
-        mask: optional boolean mask of ``x``'s shape.
-    """
-
-    @tf.custom_gradient
-    def _moments(x):
-        count, mean, m2 = _local_sums(x, axes, mask)
-        merged = merge_across_replicas(replica_context, count, mean, m2)
-        n = tf.maximum(merged.count, 1.0)
-
-        def grad(d_count, d_mean, d_variance):
-            del d_count  # counts do not depend on values
-            d_mean = tf.zeros_like(merged.mean) if d_mean is None else d_mean
-            d_variance = tf.zeros_like(merged.mean) if d_variance is None else d_variance
-            summed = all_reduce_sum(replica_context, tf.stack([d_mean, d_variance]))
-            g_mean, g_variance = tf.unstack(summed)
-            dx = (g_mean + 2.0 * g_variance * (x - merged.mean)) / n
-            if mask is not None:
-                dx = tf.where(mask, dx, 0.0)
-            return dx
-
-        return (merged.count, merged.mean, merged.variance), grad
-
-    count, mean, variance = _moments(x)
-    return Moments(count, mean, variance)
+def estimate(moments: Moments, unbiased: bool) -> Estimate:
+    """The population estimate of one batch: mean, population variance, and which channels
+    may move (see :class:`Estimate`). A channel with one value has a mean; its corrected
+    variance ``n/(n-1) * 0`` is undefined, so with ``unbiased`` only its mean moves."""
+    count, mean, variance = moments
+    count = ops.broadcast_to(count, ops.shape(mean))
+    mean_ok = (count >= 1.0) & ops.isfinite(mean)
+    variance_ok = mean_ok & ops.isfinite(variance)
+    if unbiased:
+        variance_ok = variance_ok & (count > 1.0)
+        variance = variance * count / ops.maximum(count - 1.0, 1.0)
+    return Estimate(mean, variance, mean_ok, variance_ok, count)
 
 
-def aggregate_across_replicas(replica_context, moments: Moments) -> Moments:
-    """Global moments from per-replica :class:`Moments` (no gradient), for moving statistics.
-
-    Used by the local (unsynchronized) layer so every replica's moving statistics receive the
-    same update: the statistics of the global batch, with the global count.
-    """
-    count = tf.broadcast_to(moments.count, tf.shape(moments.mean))
-    empty = count < 1.0  # an empty replica's mean/variance are 0/0
-    mean = tf.where(empty, 0.0, moments.mean)
-    m2 = tf.where(empty, 0.0, moments.variance * count)
-    return merge_across_replicas(
-        replica_context, tf.stop_gradient(count), tf.stop_gradient(mean), tf.stop_gradient(m2)
+def average_estimates(estimates: Estimate, axes) -> Estimate:
+    """The average of per-group estimates over the groups on ``axes`` (ghost batches, devices),
+    each group counted where it is usable: a ghost batch whose values are all masked adds
+    nothing. ``count`` becomes the values behind the usable groups' means."""
+    mean_ok = ops.cast(estimates.mean_ok, estimates.mean.dtype)
+    var_ok = ops.cast(estimates.variance_ok, estimates.mean.dtype)
+    groups_m = ops.sum(mean_ok, axis=axes, keepdims=True)
+    groups_v = ops.sum(var_ok, axis=axes, keepdims=True)
+    mean = ops.sum(ops.where(estimates.mean_ok, estimates.mean, 0.0), axis=axes, keepdims=True)
+    variance = ops.sum(
+        ops.where(estimates.variance_ok, estimates.variance, 0.0), axis=axes, keepdims=True
+    )
+    count = ops.sum(ops.where(estimates.mean_ok, estimates.count, 0.0), axis=axes, keepdims=True)
+    return Estimate(
+        mean / ops.maximum(groups_m, 1.0),
+        variance / ops.maximum(groups_v, 1.0),
+        groups_m > 0,
+        groups_v > 0,
+        count,
     )
 
 
-def multi_replica_context():
-    """The current replica context when more than one replica is in sync, else None.
+def estimate_sums(estimates: Estimate):
+    """``[5, ...]`` sums that, added over replicas, give :func:`average_estimates` over every
+    replica's groups (see :func:`estimate_from_sums`)."""
+    mean_ok = ops.cast(estimates.mean_ok, estimates.mean.dtype)
+    var_ok = ops.cast(estimates.variance_ok, estimates.mean.dtype)
+    return ops.stack(
+        [
+            ops.where(estimates.mean_ok, estimates.mean, 0.0),
+            ops.where(estimates.variance_ok, estimates.variance, 0.0),
+            mean_ok,
+            var_ok,
+            ops.where(estimates.mean_ok, estimates.count, 0.0),
+        ]
+    )
 
-    In a cross-replica context, or with no strategy, moments are local.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
-        return None
-    return context
+
+def estimate_from_sums(sums) -> Estimate:
+    """The averaged :class:`Estimate` from :func:`estimate_sums` added over replicas."""
+    mean, variance, groups_m, groups_v, count = (sums[i] for i in range(5))
+    return Estimate(
+        mean / ops.maximum(groups_m, 1.0),
+        variance / ops.maximum(groups_v, 1.0),
+        groups_m > 0,
+        groups_v > 0,
+        count,
+    )

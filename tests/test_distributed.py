@@ -259,7 +259,7 @@ def test_all_reduce_sum_under_mirrored_is_an_in_graph_sum_in_graph_and_eager():
         _script(
             3,
             """
-        from keras_bn.moments import all_reduce_sum
+        from keras_bn.backends.tensorflow import all_reduce_sum
         values = strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.fill([2, 5], tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0))
         step = lambda v: all_reduce_sum(tf.distribute.get_replica_context(), v)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_bn
-from keras_bn import fused as fused_lib
+from keras_bn.backends import tensorflow as fused_lib
 
 NON_DEFAULT = dict(
     axis=[1, 3],
@@ -203,6 +203,11 @@ def _training_step_ops(shape, axis, jit_compile=False, **kwargs):
 
 @pytest.mark.parametrize("shape,axis,fusable", FUSABLE)
 def test_fused_kernel_when_asked(shape, axis, fusable):
+    if not fusable:
+        with pytest.raises(ValueError, match="fused=True, but no fused training transform"):
+            _training_step_ops(shape, axis, fused=True)
+        assert keras_bn.BatchNormalization(axis=axis, fused=None)(np.zeros(shape)).shape
+        return
     ops, _ = _training_step_ops(shape, axis, fused=True)
     assert ("FusedBatchNormV3" in ops) == fusable
     assert ("FusedBatchNormGradV3" in ops) == fusable

@@ -100,8 +100,29 @@ def test_degenerate_batches_leave_statistics_unchanged(batch, momentum):
     after = _state(layer)
     finite_channels = np.isfinite(batch.astype(np.float64)).all(axis=0).reshape(-1, 3).all(0)
     stale = ~finite_channels if len(batch) > 1 else np.ones(3, bool)
-    for b, a in zip(before, after):
+    # One value per channel: its mean moves (see test_one_value_per_channel_*), its
+    # corrected variance n/(n-1) * 0 is undefined; with momentum=None neither moves.
+    one_value = batch.size == 3
+    for i, (b, a) in enumerate(zip(before, after)):
+        if one_value and i == 0 and momentum is not None:
+            continue
         np.testing.assert_array_equal(a[stale], b[stale])
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_one_value_per_channel_moves_as_keras_or_keeps_the_undefined_variance(unbiased):
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    ours = keras_bn.BatchNormalization(momentum=0.5, unbiased_variance=unbiased)
+    ours(x, training=True)
+    mean, var = _state(ours)
+    np.testing.assert_allclose(mean, [0.5, 1.0, 1.5])
+    if unbiased:
+        np.testing.assert_array_equal(var, [1.0, 1.0, 1.0])
+    else:
+        theirs = keras.layers.BatchNormalization(momentum=0.5)
+        theirs(x, training=True)
+        np.testing.assert_allclose(var, theirs.moving_variance.numpy())
+        np.testing.assert_allclose(var, [0.5, 0.5, 0.5])
 
 
 def test_nan_channel_only_that_channel_is_skipped():
@@ -127,7 +148,7 @@ def test_moving_constraints_apply_to_moved_channels_only():
     np.testing.assert_allclose(var, [1.0, 1.5, 1.5])
 
 
-def test_masked_channel_with_one_value_is_skipped():
+def test_masked_channel_with_one_value_moves_its_mean_only():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     mask = np.zeros((4, 3), bool)
     mask[:, 0] = True  # channel 0: 4 values
@@ -135,7 +156,7 @@ def test_masked_channel_with_one_value_is_skipped():
     layer = keras_bn.BatchNormalization(momentum=0.0)
     layer(x, training=True, mask=mask)
     mean, var = _state(layer)
-    np.testing.assert_allclose(mean, [4.5, 0.0, 0.0])
+    np.testing.assert_allclose(mean, [4.5, 1.0, 0.0])
     np.testing.assert_allclose(var, [x[:, 0].astype(np.float64).var() * 4 / 3, 1.0, 1.0], rtol=1e-6)
 
 

@@ -1,20 +1,29 @@
-"""Training-mode Batch Normalization as one fused computation, forward and backward.
+"""The TensorFlow backend: ``tf.distribute`` replica exchanges and the fused training paths.
 
-Two interchangeable implementations of Alg. 1 for inputs whose feature axes form one contiguous
-block, either last ("NHWC"-like) or right after the batch axis ("NCHW"-like), of any rank:
+What differs on TensorFlow from the ``keras.ops`` layer (``keras_bn.layer``):
 
-- ``"kernel"``: TensorFlow's FusedBatchNormV3 and FusedBatchNormGradV3 (cuDNN on a GPU).
-- ``"xla"``: the same math written as two small XLA-compiled functions (forward; and the
-  paper's closed-form backward) tied together by ``tf.custom_gradient``. Inside an outer
-  ``jit_compile`` it fuses with its neighbours; it also implements the cross-replica and the
-  ghost-batch variants, which the kernel cannot.
+- **Replicas.** Under a ``tf.distribute`` strategy the layer's ``call`` sees one replica's
+  batch. :func:`replica_group` names the replica context; :func:`all_reduce_sum` is its one
+  exchange (an in-graph sum under MirroredStrategy, whose replicas share one graph);
+  :func:`synced_moments` gives the global batch's moments with one exchange forward and one
+  backward.
+- **Fused paths**, for inputs whose feature axes form one contiguous block, either last
+  ("NHWC"-like) or right after the batch axis ("NCHW"-like), of any rank:
 
-Which is faster depends on the machine (``python benchmarks/layer_step.py --suite fused``: the
-layer's training step with each forced; tables in ``docs/benchmarks.md``). On CPUs where
-TensorFlow runs its oneDNN kernels the kernel takes 0.65-0.85x the XLA formulation's time
-outside XLA; where it leaves oneDNN off (its default on some CPUs, e.g. without AVX-512),
-TensorFlow's own kernel takes 1.55-1.61x. Inside an outer ``jit_compile`` neither wins by more
-than the noise (0.96-1.02x). Hence :func:`default_implementation`.
+  - ``"kernel"``: TensorFlow's FusedBatchNormV3 and FusedBatchNormGradV3 (cuDNN on a GPU).
+  - ``"xla"``: the same math written as two small XLA-compiled functions (forward; and the
+    paper's closed-form backward) tied together by ``tf.custom_gradient``. Inside an outer
+    ``jit_compile`` it fuses with its neighbours; it also implements the cross-replica and the
+    ghost-batch variants, which the kernel cannot.
+
+Which fused implementation is faster depends on the machine (``python benchmarks/layer_step.py
+--suite fused``; tables in ``docs/benchmarks.md``). On CPUs where TensorFlow runs its oneDNN
+kernels the kernel takes 0.65-0.85x the XLA formulation's time outside XLA; where it leaves
+oneDNN off (its default on some CPUs, e.g. without AVX-512), TensorFlow's own kernel takes
+1.55-1.61x. Inside an outer ``jit_compile`` the kernel is not a kernel any more: XLA lowers
+FusedBatchNormV3 with ``E[x^2] - E[x]^2``, which loses the statistics of data far from zero,
+so there the XLA formulation always runs (``fused=True`` included). Hence
+:func:`default_implementation`.
 
 Both compute the one training transform of :mod:`keras_bn.transform` (Batch Renormalization
 included: it only changes gamma and beta per channel). Both view the input as ``[A, C]``
@@ -24,36 +33,27 @@ any rank works with one code path.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
+from keras_bn import moments as moments_lib
 from keras_bn import transform
-from keras_bn.moments import all_reduce_sum, merge_replica_rows, pack_into_replica_row
+from keras_bn.moments import Moments, merge_packed_rows, pack_row
 
 # cuDNN's fused kernel refuses epsilon below 1e-5.
 KERNEL_MIN_EPSILON = 1.001e-5
-SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
-
-
-def fused_layout(feature_axes: list[int], rank: int) -> str | None:
-    """ "NHWC" when the sorted feature axes are a contiguous block at the end, "NCHW" when they
-    are a contiguous block right after the batch axis, else None (no fused path)."""
-    if feature_axes != list(range(feature_axes[0], feature_axes[-1] + 1)):
-        return None
-    if feature_axes[-1] == rank - 1:
-        return "NHWC"
-    if feature_axes[0] == 1:
-        return "NCHW"
-    return None
 
 
 def default_implementation() -> str:
-    """The fused kernel where a GPU is visible (cuDNN), and on CPUs outside XLA where TensorFlow
-    runs oneDNN; the XLA formulation on CPUs inside XLA compilation or without oneDNN (see the
+    """The XLA formulation inside XLA compilation (where the kernel would be lowered with
+    ``E[x^2] - E[x]^2``); outside it the fused kernel where a GPU is visible (cuDNN; not
+    measured here) and on CPUs where TensorFlow runs oneDNN, else the XLA formulation (see the
     module docstring)."""
-    if tf.config.list_logical_devices("GPU"):
-        return "kernel"
     if _inside_xla_compilation():
         return "xla"
+    if tf.config.list_logical_devices("GPU"):
+        return "kernel"
     return "kernel" if onednn_enabled() else "xla"
 
 
@@ -98,7 +98,7 @@ def _per_channel(v, x):
         return v
     if x.shape.rank == 3:
         return v[:, None]
-    return v[None, :, None, :]
+    return v if v.shape.rank == 1 else v[None, :, None, :]
 
 
 def _summed_over_ghost_batches(d_gamma, d_beta, x):
@@ -184,19 +184,21 @@ def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
 
     @tf.custom_gradient
     def training(x3, gamma, beta):
-        x4 = _as_4d(x3, layout)
+        # float32 in: the kernel returns x_hat in its input dtype, and renorm's scale and
+        # offset must apply to the unrounded x_hat.
+        x4 = _as_4d(tf.cast(x3, tf.float32), layout)
         x_hat4, mean, variance, reserve = _kernel_forward(
             x4, tf.ones_like(gamma), tf.zeros_like(beta), epsilon, layout
         )
         correction = transform.renorm_correction(mean, variance, epsilon, renorm)
         scale, offset = transform.corrected_params(gamma, beta, correction)
-        x_hat = tf.reshape(tf.cast(x_hat4, tf.float32), tf.shape(x3))
+        x_hat = tf.reshape(x_hat4, tf.shape(x3))
         y3 = tf.cast(x_hat * _per_channel(scale, x_hat) + _per_channel(offset, x_hat), x3.dtype)
 
         def grad(dy3, d_mean, d_variance):
             del d_mean, d_variance  # statistics feed only the moving averages
             dx4, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=tf.reshape(dy3, tf.shape(x4)),
+                y_backprop=tf.reshape(tf.cast(dy3, tf.float32), tf.shape(x4)),
                 x=x4,
                 scale=scale,
                 reserve_space_1=reserve[0],
@@ -207,7 +209,7 @@ def _kernel_renorm_training(x3, gamma, beta, epsilon, layout, renorm):
                 is_training=True,
             )
             d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, correction)
-            return tf.reshape(dx4, tf.shape(x3)), d_gamma, d_beta
+            return tf.cast(tf.reshape(dx4, tf.shape(x3)), x3.dtype), d_gamma, d_beta
 
         return (y3, mean, variance), grad
 
@@ -223,7 +225,10 @@ def _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm):
     multiplier, offset, correction = transform.training_scale_and_offset(
         mean, variance, gamma, beta, epsilon, renorm
     )
-    return x * _per_channel(multiplier, x) + _per_channel(offset, x), correction
+    y = transform.apply(
+        x, _per_channel(mean, x), _per_channel(multiplier, x), _per_channel(offset, x)
+    )
+    return y, correction
 
 
 def _normalized(x, mean, variance, epsilon):
@@ -298,33 +303,49 @@ def _xla_training(x3, gamma, beta, epsilon, renorm=None):
     return training(x3, gamma, beta)
 
 
-def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_batches):
+def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_size):
     """Ghost batch normalization with the XLA formulation, for feature axes last.
 
-    ``x`` is viewed as ``[v, N / v, B, C]`` (``ghost_batches``, a
-    :class:`keras_bn.moments.GhostBatches`, checks the batch size and groups the examples as
-    tf-keras does); each ghost batch is normalized with its own statistics.
+    ``x`` is viewed as ``[v, N / v, B, C]`` (``v = ghost_size``; tf-keras's grouping, see
+    :class:`keras_bn.moments.Groups`); each ghost batch is normalized with its own statistics.
 
     Returns:
         ``(y, count, mean, variance)``: ``y`` like ``x``; the values behind each ghost batch's
         statistics, and the ``[N / v, C]`` means and biased variances.
     """
-    split = ghost_batches.split(x)
+    split = split_ghost_batches(x, ghost_size)
     ghosts = tf.shape(split)[1]
     epsilon = tf.constant(epsilon, tf.float32)
     if x.shape.rank == 2:
         # One value per example and channel: [v, N/v * C] is the plain [A, C] layout (the
         # fastest to reduce), with gamma and beta repeated for each ghost batch.
-        x2 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts * channels]))
+        x2 = tf.reshape(split, tf.stack([ghost_size, ghosts * channels]))
         y, mean, variance = _xla_training(
             x2, tf.tile(gamma, [ghosts]), tf.tile(beta, [ghosts]), epsilon
         )
         shape = tf.stack([ghosts, channels])
         mean, variance = tf.reshape(mean, shape), tf.reshape(variance, shape)
         return tf.reshape(y, tf.shape(x)), _count(x2), mean, variance
-    x4 = tf.reshape(split, tf.stack([ghost_batches.size, ghosts, -1, channels]))
+    x4 = tf.reshape(split, tf.stack([ghost_size, ghosts, -1, channels]))
     y4, mean, variance = _xla_training(x4, gamma, beta, epsilon)
     return tf.reshape(y4, tf.shape(x)), _count(x4), mean, variance
+
+
+def split_ghost_batches(x, ghost_size):
+    """``[N, ...]`` as ``[ghost_size, N / ghost_size, ...]``; a batch size known only at run
+    time that ``ghost_size`` does not divide fails there, naming both."""
+    moments_lib.Groups(1, ghost_size).check(x.shape[0])
+    checks = []
+    if x.shape[0] is None:
+        message = (
+            f"virtual_batch_size={ghost_size} must divide the batch size in training; got a "
+            "batch of another size"
+        )
+        checks.append(
+            tf.debugging.assert_equal(tf.math.floormod(tf.shape(x)[0], ghost_size), 0, message)
+        )
+    with tf.control_dependencies(checks):
+        return tf.reshape(x, tf.concat([[ghost_size, -1], tf.shape(x)[1:]], 0))
 
 
 # ---- Synchronized (cross-replica) variant: the same math around two collectives.
@@ -333,19 +354,19 @@ def ghost_batch_norm_training(x, gamma, beta, epsilon, channels, ghost_batches):
 @tf.function(jit_compile=True)
 def _xla_replica_row(x3, replica_id, replicas):
     """This replica's (count, mean, M2) per channel, in its row of the ``[R, 3, C]`` message
-    (:func:`keras_bn.moments.pack_into_replica_row`); an empty replica sends zeros."""
+    (:func:`keras_bn.moments.pack_row`); an empty replica sends zeros."""
     x = tf.cast(x3, tf.float32)
     axes = _reduction_axes(x)
     count = _count(x)
     mean = tf.reduce_sum(x, axes) / tf.maximum(count, 1.0)
     m2 = tf.reduce_sum(tf.math.squared_difference(x, _per_channel(mean, x)), axes)
-    return pack_into_replica_row(tf.fill(tf.shape(mean), count), mean, m2, replica_id, replicas)
+    return pack_row(tf.fill(tf.shape(mean), count), mean, m2, replica_id, replicas)
 
 
 @tf.function(jit_compile=True)
 def _xla_merge_and_apply(x3, gathered, gamma, beta, epsilon, renorm):
     """The global moments from every replica's row, and the affine map with them."""
-    merged = merge_replica_rows(gathered)
+    merged = merge_packed_rows(gathered)
     y, correction = _corrected_affine(
         tf.cast(x3, tf.float32), merged.mean, merged.variance, gamma, beta, epsilon, renorm
     )
@@ -380,7 +401,7 @@ def synchronized_batch_norm_training(
     """Alg. 1 over the GLOBAL batch of all replicas: ``(y, count, mean, variance)``.
 
     Forward: local (count, mean, M2) in one compiled pass, ONE all-reduce, then the exact
-    merge (:func:`keras_bn.moments.merge_replica_rows`) and the affine map in a second
+    merge (:func:`keras_bn.moments.merge_packed_rows`) and the affine map in a second
     compiled pass. Backward: the local sums of dy and dy * x_hat in one pass, ONE all-reduce
     of those 2C values, then dx; dgamma/dbeta stay local (the optimizer sums them over
     replicas). The small per-channel steps live inside the compiled passes: on CPUs each
@@ -414,3 +435,196 @@ def synchronized_batch_norm_training(
 
     y3, count, mean, variance = training(x3, gamma, beta)
     return tf.reshape(y3, tf.shape(x)), count, mean, variance
+
+
+# ---- Replicas: what the layer exchanges under a tf.distribute strategy.
+
+
+class Replicas:
+    """The replicas of the current ``tf.distribute`` step (more than one, in sync)."""
+
+    def __init__(self, context):
+        self.context = context
+        self.count = context.num_replicas_in_sync
+        self.index = context.replica_id_in_sync_group
+
+    def sum(self, value):
+        """The sum of ``value`` over replicas, as one exchange (no gradient)."""
+        return all_reduce_sum(self.context, tf.stop_gradient(value))
+
+
+def replica_group() -> Replicas | None:
+    """The current replicas when more than one is in sync, else None (a cross-replica context,
+    or no strategy: moments are local)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return Replicas(context)
+
+
+def device_slices() -> int:
+    """A TensorFlow replica's call sees its own batch: one slice."""
+    return 1
+
+
+def all_reduce_sum(replica_context, value):
+    """The sum of ``value`` over all replicas, as one exchange; every replica gets the result.
+
+    Under MirroredStrategy (all replicas in this process, traced into one graph) the sum is an
+    ``add_n`` on one replica's device followed by copies back, reached through ``merge_call``:
+    the same synchronization point ``ReplicaContext.all_reduce`` uses there, minus the collective
+    runtime's fixed cost per call (about 0.35 ms per all-reduce on 2 CPU replicas, against
+    0.02 ms for the in-graph sum; it sits on the critical path twice per layer and step).
+    Everywhere else (MultiWorkerMirroredStrategy, TPUStrategy, and MirroredStrategy inside an
+    XLA-compiled step on GPUs, where the strategy itself avoids ``merge_call``) it is
+    ``replica_context.all_reduce``.
+
+    Callers use it inside custom gradients or on stopped gradients: the in-graph path is not
+    meant to be differentiated.
+    """
+    if _sums_in_graph(replica_context.strategy):
+        reducer = tf.distribute.ReductionToOneDevice()
+        return replica_context.merge_call(
+            lambda _, per_replica: reducer.reduce(
+                tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
+            ),
+            args=(value,),
+        )
+    return replica_context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _sums_in_graph(strategy) -> bool:
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        return False
+    # MirroredStrategy's own test for whether merge_call is usable here (it is not inside an
+    # XLA-compiled replica function on GPUs); if a TF release drops it, use the collectives.
+    uses_merge_call = getattr(strategy.extended, "_use_merge_call", None)
+    return bool(callable(uses_merge_call) and uses_merge_call())
+
+
+def synced_moments(x, axes, mask, replicas: Replicas) -> Moments:
+    """Global moments over every replica's ``x``: one all-reduce forward, one backward.
+
+    Differentiable in ``x``. The gradient sums the upstream gradients of the (shared) global
+    mean and variance over replicas in one packed all-reduce, then applies
+    ``dmean/dx = 1/N`` and ``dvar/dx = 2 (x - mean) / N`` locally (masked entries get zero).
+    """
+    context = replicas.context
+
+    @tf.custom_gradient
+    def _moments(x):
+        count, mean, m2 = moments_lib.rows(x, axes, mask)
+        row = pack_row(count, mean, m2, replicas.index, replicas.count)
+        merged = merge_packed_rows(all_reduce_sum(context, row))
+        n = tf.maximum(merged.count, 1.0)
+
+        def grad(d_count, d_mean, d_variance):
+            del d_count  # counts do not depend on values
+            d_mean = tf.zeros_like(merged.mean) if d_mean is None else d_mean
+            d_variance = tf.zeros_like(merged.mean) if d_variance is None else d_variance
+            summed = all_reduce_sum(context, tf.stack([d_mean, d_variance]))
+            dx = (summed[0] + 2.0 * summed[1] * (x - merged.mean)) / n
+            if mask is not None:
+                dx = tf.where(mask, dx, 0.0)
+            return dx
+
+        return (merged.count, merged.mean, merged.variance), grad
+
+    return Moments(*_moments(x))
+
+
+def compiled(function):
+    """``function`` compiled by XLA into one launch (the moving-average update)."""
+    return tf.function(function, jit_compile=True)
+
+
+# ---- The layer's fused training transform on TensorFlow.
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+FUSED_PATHS = (
+    "TensorFlow fuses feature axes that form one contiguous block, last or right after the "
+    "batch axis; with virtual_batch_size, last"
+)
+
+
+def fusable(feature_axes, rank, virtual_batch_size) -> bool:
+    """Whether a fused path exists for these axes (``layer.fused``; ``fused=True``'s check)."""
+    layout = moments_lib.feature_layout(feature_axes, rank)
+    return layout is not None and (virtual_batch_size is None or layout == "NHWC")
+
+
+def fused_plan(layer, inputs, mask, replicas, slices):
+    """The fused training transform for this call, as a function of no argument, or None
+    where the plain ``keras.ops`` path runs (masks, float64, ``fused=False``)."""
+    if mask is not None or slices != 1:
+        return None
+    implementation = _implementation(layer, keras_dtype(inputs))
+    if implementation is None:
+        return None
+    return lambda: fused_training(layer, inputs, replicas, implementation)
+
+
+def keras_dtype(x) -> str:
+    return x.dtype.name
+
+
+def _implementation(layer, dtype):
+    """Which fused implementation the layer's unmasked training transform runs, or None.
+
+    ``fused=False`` never fuses; otherwise the feature axes must be a contiguous block first
+    or last (ghost batches: last), the inputs float32/float16/bfloat16 and the statistics
+    float32. Returns "kernel", "xla" or None.
+    """
+    if not layer.fused or not _fusable(layer, dtype):
+        return None
+    forced = getattr(layer, "_tf_fused_implementation", None)  # benchmarks/layer_step.py's A/B
+    if forced is not None:
+        return forced
+    if layer.virtual_batch_size is not None:
+        return "xla"  # FusedBatchNormV3 has no ghost batches.
+    if layer._fused_option and not _inside_xla_compilation():
+        return "kernel"
+    if layer.epsilon < KERNEL_MIN_EPSILON:
+        return "xla"
+    return default_implementation()
+
+
+def _fusable(layer, dtype):
+    return (
+        layer._fused_layout is not None
+        and (layer.virtual_batch_size is None or layer._fused_layout == "NHWC")
+        and dtype in SUPPORTED_DTYPES
+        and layer._statistics_dtype == "float32"
+    )
+
+
+def fused_training(layer, inputs, replicas, implementation):
+    """The training transform as one fused computation, for any rank; over the global batch
+    when ``replicas`` is given. Returns ``(outputs, moments, group_axes)``: the batch moments
+    per channel (``[C]``), or per ghost batch (``[G, C]`` with ``group_axes == [0]``)."""
+    channels = math.prod(layer._param_shape)
+    gamma = tf.reshape(layer.gamma, [channels]) if layer.scale else tf.ones([channels])
+    beta = tf.reshape(layer.beta, [channels]) if layer.center else tf.zeros([channels])
+    args = (
+        inputs,
+        tf.cast(gamma, tf.float32),
+        tf.cast(beta, tf.float32),
+        layer.epsilon,
+        layer._fused_layout,
+        channels,
+        len(layer._feature_axes),
+    )
+    renorm = layer._renorm_state([channels])
+    if layer.virtual_batch_size is not None:
+        outputs, count, mean, variance = ghost_batch_norm_training(
+            *args[:4], channels, layer.virtual_batch_size
+        )
+        return outputs, Moments(count, mean, variance), [0]
+    if replicas is not None:
+        outputs, count, mean, variance = synchronized_batch_norm_training(
+            *args, replicas.context, renorm
+        )
+        return outputs, Moments(count, mean, variance), []
+    outputs, mean, variance = batch_norm_training(*args, implementation, renorm)
+    count = moments_lib.values_per_statistic(inputs, layer._reduction_axes)
+    return outputs, Moments(count, mean, variance), []
