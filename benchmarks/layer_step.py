@@ -13,7 +13,8 @@ are interleaved within each repetition so machine noise hits all of them alike.
 Suites: ``bn`` (plain BN: ours, Keras 3, tf_keras), ``renorm`` (Batch Renormalization: ours
 against Keras 3's ``renorm=True``), ``ghost`` (ghost batches of a quarter of the batch: ours
 against tf_keras's ``virtual_batch_size``), ``fused`` (our layer with each fused implementation
-forced: FusedBatchNormV3 against the XLA formulation; what ``keras_bn.backends.tensorflow``'s default rests on).
+forced: FusedBatchNormV3 against the XLA formulation; what the default of
+``keras_bn.backends.tensorflow`` rests on).
 
 Prints the median milliseconds per step and the ratio of the first column to each other one
 (below 1 = the first is faster).

@@ -6,7 +6,8 @@ strategy.run, the two nets timed alternately. Prints the median step time, the r
 ours/keras (below 1 = we are faster) and the collectives (all-reduce calls) that the BN
 layers issue per step and replica, counted when the step is traced (the optimizer's
 gradient all-reduce is not counted). keras_bn's exchanges are in-graph sums under
-MirroredStrategy (see keras_bn.backends.tensorflow.all_reduce_sum); Keras's go to the collective runtime.
+MirroredStrategy (see keras_bn.backends.tensorflow.all_reduce_sum); Keras's go to the
+collective runtime.
 
     python benchmarks/sync_step.py                # ~1-2 minutes on 2 CPU cores
     python benchmarks/sync_step.py --batch 64 --repeats 30
