@@ -3,7 +3,8 @@
 The file ``keras/src/layers/normalization/batch_normalization_test.py`` ships in the keras wheel.
 It is loaded from the INSTALLED keras package at test time (never copied here) in a fresh
 subprocess, with ``keras.src.layers.BatchNormalization`` replaced by ours, and every test in it
-is run twice:
+is run twice, on each of Keras's backends (TensorFlow, JAX, PyTorch; one subprocess each), with
+the same outcome on all three:
 
 - with ``unbiased_variance=False`` (Keras's rule for the moving variance): every test passes;
 - with our defaults: 10 pass, and the 23 failures are exactly the documented differences
@@ -42,10 +43,15 @@ def _is_documented(test_name: str) -> bool:
     return any(re.fullmatch(re.escape(name) + r"\d*", test_name) for name in DOCUMENTED_DIFFERENCES)
 
 
-@pytest.fixture(scope="module")
-def outcomes():
-    """{run: {test name: outcome}} from one subprocess running Keras's file twice."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def outcomes(request):
+    """{run: {test name: outcome}} from one subprocess per backend running Keras's file twice."""
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", KERAS_BACKEND=request.param
+    )
     result = subprocess.run(
         [sys.executable, __file__],
         capture_output=True,
