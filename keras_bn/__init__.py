@@ -1,4 +1,4 @@
-"""keras-bn: Batch Normalization (Ioffe & Szegedy, 2015) for Keras 3 on TensorFlow.
+"""keras-bn: Batch Normalization (Ioffe & Szegedy, 2015) for Keras 3 on every backend.
 
 Public API:
 

@@ -7,6 +7,7 @@ per-replica statistics travel, and the fast paths).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import keras
 from keras import constraints, initializers, ops, regularizers
@@ -29,6 +30,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
     (the paper's conv rule: a batch of ``m`` images of ``p x q`` gives ``m*p*q`` values per
     feature map).
 
+    It runs on every Keras backend (TensorFlow, JAX, PyTorch) with the same meaning of every
+    argument, and is a subclass of ``keras.layers.BatchNormalization``, so
+    ``isinstance(layer, keras.layers.BatchNormalization)`` holds (loops that freeze every BN
+    find it); ``keras.layers.BatchNormalization``'s own code is not used.
+
     Differences from ``keras.layers.BatchNormalization`` (all measured by the tests):
 
     - The moving variance receives the *unbiased* estimate ``n/(n-1) * var`` where ``n`` is the
@@ -36,15 +42,38 @@ class BatchNormalization(keras.layers.BatchNormalization):
       summed over replicas when ``synchronized``), as the paper's Alg. 2 does.
       ``unbiased_variance=False`` gives Keras's behaviour.
     - ``momentum=None`` gives a cumulative average over every batch seen.
-    - A batch with 0 or 1 values for a channel, or with non-finite statistics (an fp16
-      overflow step), leaves that channel's moving statistics unchanged.
-    - ``synchronized=True`` computes moments over the global batch with one all-reduce forward
-      and one backward, merged stably and weighted by each replica's real count (under
-      MirroredStrategy the exchanges are in-graph sums; see ``keras_bn.moments.all_reduce_sum``).
-    - Moving statistics stay identical on every replica of a ``tf.distribute`` strategy.
-    - ``axis`` may be a list of axes; a fused training transform is used whenever the feature
-      axes are a contiguous block first or last and there is no mask and no ghost batches, for
-      any rank, locally, across replicas and with renorm.
+    - A batch with no value for a channel, or with non-finite statistics (an fp16 overflow
+      step), leaves that channel's moving statistics unchanged. With one value (a dense layer
+      trained with batch size 1) the moving mean moves; the variance moves toward 0 with
+      ``unbiased_variance=False`` (as Keras and tf-keras) and keeps its value with the default
+      (``n/(n-1)`` is undefined for n = 1). With ``momentum=None`` such a channel keeps both,
+      so one count of batches weighs them.
+    - ``synchronized=True`` computes moments over the global batch with one exchange forward
+      and one backward, merged stably and weighted by each replica's real count.
+    - Moving statistics stay identical on every replica or device, and equal the global
+      batch's update, in both modes.
+    - ``axis`` may be a list of axes; on TensorFlow a fused training transform is used whenever
+      the feature axes are a contiguous block first or last and there is no mask, for any
+      rank, locally, across replicas, with renorm and (feature axes last) ghost batches.
+
+    Data parallelism, backend by backend (the same meaning of ``synchronized`` everywhere):
+
+    - TensorFlow, any ``tf.distribute`` strategy (Mirrored, MultiWorkerMirrored, TPU): the
+      call sees one replica's batch; ``synchronized=True`` exchanges per-replica rows (one
+      all-reduce forward, one backward; in-graph sums under MirroredStrategy).
+    - JAX, ``keras.distribution.DataParallel`` or a ``ModelParallel`` mesh with a batch axis:
+      the call sees the GLOBAL batch, sharded over the devices. ``synchronized=False``
+      normalizes each device's slice with its own statistics (a view, no collective); the
+      moving statistics take one collective. ``synchronized=True`` normalizes with the global
+      batch, with one collective forward and one backward (Keras's own layer is always global
+      there, with five). Ghost batches split inside each device's slice, as a TensorFlow
+      replica groups its own batch.
+    - PyTorch, ``torch.distributed`` initialized (a process per device, as DDP runs): the
+      call sees one rank's batch; ``synchronized=True`` exchanges rows through one
+      differentiable all-reduce forward and one backward. The moving statistics receive the
+      global update on every rank (Keras's variables are torch Parameters, not buffers, so
+      DDP's ``broadcast_buffers`` would not keep them in step). Reducing the parameters'
+      gradients stays the training loop's (or DDP's) job.
 
     Also from tf-keras: ``virtual_batch_size`` (ghost batch normalization). Batch
     Renormalization (``renorm``) has Keras 3.15's weights, weight order and config keys, so a
@@ -89,27 +118,31 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum: Weight of the old value of ``renorm_mean`` / ``renorm_stddev``, in
             ``[0, 1)``. Defaults to ``0.99``. Only used with ``renorm=True``; ``momentum`` (or
             ``None``) still drives the inference statistics.
-        synchronized: If True, batch statistics are computed over all replicas of the current
-            ``tf.distribute`` strategy (any strategy: Mirrored, MultiWorkerMirrored, TPU). In a
-            cross-replica context or with no strategy the layer behaves as the local one.
+        synchronized: If True, batch statistics are computed over the global batch of every
+            replica or device (see "Data parallelism" above). With no distribution (or in a
+            TensorFlow cross-replica context) the layer behaves as the local one.
         unbiased_variance: If True (default, as the paper), the moving variance is updated with
             ``n/(n-1)`` times the batch variance.
-        fused: How the training transform is computed when the feature axes are a contiguous
-            block first or last and there is no mask. ``None`` (default): TensorFlow's
-            FusedBatchNormV3 kernel, except inside an XLA-compiled step on a CPU (where an
-            XLA fused formulation fuses with its neighbours) or for ``epsilon < 1.001e-5``
-            (which the kernel refuses). ``True``: always FusedBatchNormV3 (needs
-            ``epsilon >= 1.001e-5``). ``False``: plain TensorFlow ops. Across replicas, and for
-            ghost batches (feature axes last), the fused path is always the XLA formulation.
-            All give the same results to float rounding.
+        fused: How the training transform is computed. On TensorFlow, when the feature axes
+            are a contiguous block first or last and there is no mask: ``None`` (default) the
+            fastest fused path (FusedBatchNormV3 where TensorFlow runs oneDNN or on a GPU, an
+            XLA formulation elsewhere and always inside an XLA-compiled step, where XLA would
+            lower the kernel with ``E[x^2] - E[x]^2``); ``True`` FusedBatchNormV3 outside XLA
+            (needs ``epsilon >= 1.001e-5``); ``False`` plain ops. Across replicas and for ghost
+            batches the fused path is the XLA formulation. JAX and PyTorch have no fused path
+            yet: ``fused=True`` there is a ValueError at build, as it is for feature axes no
+            fused path handles. After build, ``layer.fused`` says whether the (unmasked)
+            training transform runs fused, as tf-keras reports it. All paths give the same
+            results to float rounding.
         virtual_batch_size: Optional positive int: ghost batch normalization (Hoffer et al.,
             2017). In training each ghost batch of ``virtual_batch_size`` examples is
             normalized with its own statistics, grouped as tf-keras groups them: a batch of
             ``N`` examples is viewed as ``[virtual_batch_size, N / virtual_batch_size, ...]``,
             so ghost batch ``j`` holds examples ``j, j + N/v, j + 2N/v, ...``. The moving
             statistics move toward the average of the ghost batches' means and variances
-            (each variance ``n/(n-1)``-corrected on the ghost batch's count when
-            ``unbiased_variance``), once per step, as tf-keras does. The batch size must be a
+            (each variance ``n/(n-1)``-corrected on the ghost batch's own count when
+            ``unbiased_variance``; a ghost batch whose values are all masked adds nothing),
+            once per step, as tf-keras does. The batch size must be a
             multiple of it in training (ValueError naming both; an InvalidArgumentError for a
             batch size known only at run time); inference uses the moving statistics for a
             batch of any size. It cannot be combined with ``synchronized=True`` (ghost batches
@@ -133,7 +166,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     as in Keras (useful for fine-tuning); it does not update the moving statistics.
 
     Mixed precision: parameters and statistics are float32; float16/bfloat16 inputs are
-    normalized with float32 math and the output has the layer's compute dtype.
+    normalized with float32 math and the output has the layer's compute dtype. A float64
+    layer keeps float64 statistics, except on JAX without ``jax_enable_x64`` (JAX has no
+    float64 arrays then): it warns at build and computes in float32.
+
+    A ``.keras`` file holding this layer loads after ``import keras_bn`` (which registers the
+    class), on any backend.
 
     Example:
 
@@ -277,6 +315,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         ]
         self._fused_layout = moments_lib.feature_layout(self._feature_axes, rank)
         self.fused = self._check_fused(rank)
+        if self.variable_dtype == "float64" and self._statistics_dtype != "float64":
+            warnings.warn(
+                f"Layer {self.name!r} has dtype float64, but JAX runs without float64 "
+                "(jax_enable_x64 is off): its statistics and math are float32. Set "
+                "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) before "
+                "creating the model for float64.",
+                stacklevel=2,
+            )
 
         if self.scale:
             self.gamma = self.add_weight(
@@ -355,7 +401,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     @property
     def _statistics_dtype(self):
-        return "float64" if self.variable_dtype == "float64" else "float32"
+        """float64 for a float64 layer where the backend has float64, else float32."""
+        if self.variable_dtype != "float64" or not backends.current().has_float64():
+            return "float32"
+        return "float64"
 
     def compute_output_shape(self, input_shape):
         _normalize_axes(self.axis, len(input_shape))
@@ -376,7 +425,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._record_batch_statistics(*batch)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
-        return ops.cast(outputs, self.compute_dtype)
+        return ops.cast(outputs, self._output_dtype)
+
+    @property
+    def _output_dtype(self):
+        # A float64 layer on JAX without float64 gives float32, as its statistics (see build).
+        if self.compute_dtype == "float64" and self._statistics_dtype != "float64":
+            return "float32"
+        return self.compute_dtype
 
     def _checked_inputs(self, inputs):
         """The inputs, checked against the built shape; integers and booleans are cast to

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, run_python
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -29,3 +29,19 @@ def test_every_backend_suite_passes(backend):
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert re.search(r"\d+ passed", summary) and "failed" not in summary, summary
+
+
+def test_jax_with_float64_enabled_keeps_float64_statistics():
+    out = run_python(
+        """
+import numpy as np, keras, keras_bn
+x = np.random.default_rng(0).normal(1e4, 1.0, (8, 3))
+layer = keras_bn.BatchNormalization(dtype="float64", momentum=0.0)
+y = layer(x, training=True)
+assert str(layer.moving_mean.value.dtype) == "float64" and str(y.dtype) == "float64"
+np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-12)
+print("float64 OK")
+""",
+        env={"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"},
+    )
+    assert "float64 OK" in out

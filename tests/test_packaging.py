@@ -109,3 +109,58 @@ print("OK", sorted(keras_bn.models.names()))
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout and "mlp" in proc.stdout
+
+
+# The layer library on a machine without TensorFlow: a fresh venv that installs the wheel with
+# one backend's extra from the package registry (torch pinned to the CPU build, as in setup.cfg).
+NO_TENSORFLOW = {
+    "jax": ["jax==0.10.2"],
+    "torch": ["torch==2.13.0"],
+}
+NO_TENSORFLOW_CHECK = """
+import importlib.util, sys, time
+start = time.perf_counter()
+import keras, keras_bn, keras_bn.models
+seconds = time.perf_counter() - start
+import numpy as np
+assert keras.backend.backend() == BACKEND, keras.backend.backend()
+assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed"
+assert "tensorflow" not in sys.modules
+x = np.random.default_rng(0).normal(3.0, 2.0, (64, 5)).astype("float32")
+layer = keras_bn.BatchNormalization(momentum=0.0)
+model = keras.Sequential([keras.Input((5,)), layer, keras.layers.Dense(2)])
+model.compile(keras.optimizers.SGD(0.01), "mse")
+model.fit(x, np.zeros((64, 2)), batch_size=64, epochs=1, verbose=0, shuffle=False)
+np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-5)
+np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(0) * 64 / 63, rtol=1e-4)
+net = keras_bn.models.get("mlp")
+net.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+net.fit(np.zeros((60, 784), "float32"), np.zeros(60, "int32"), batch_size=60, verbose=0)
+print(f"OK import {seconds:.2f} s")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", sorted(NO_TENSORFLOW))
+def test_layer_and_zoo_work_without_tensorflow(wheel, tmp_path, backend):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    proc = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *NO_TENSORFLOW[backend], f"{wheel}[{backend}]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(
+        [python, "-I", "-c", f"BACKEND = {backend!r}\n" + NO_TENSORFLOW_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK import" in proc.stdout
+    print(backend, proc.stdout.strip())

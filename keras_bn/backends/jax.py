@@ -156,3 +156,8 @@ def _synced_training(layer, inputs, mask, slices):
 def compiled(function):
     """The update runs inside the jitted step anyway."""
     return function
+
+
+def has_float64() -> bool:
+    """float64 arrays exist only with ``jax_enable_x64`` (else JAX truncates them to float32)."""
+    return bool(jax.config.jax_enable_x64)

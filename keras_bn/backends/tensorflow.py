@@ -628,3 +628,7 @@ def fused_training(layer, inputs, replicas, implementation):
     outputs, mean, variance = batch_norm_training(*args, implementation, renorm)
     count = moments_lib.values_per_statistic(inputs, layer._reduction_axes)
     return outputs, Moments(count, mean, variance), []
+
+
+def has_float64() -> bool:
+    return True

@@ -274,3 +274,18 @@ def test_fit_updates_the_moving_statistics():
     model.fit(x, np.zeros_like(x), batch_size=64, epochs=1, verbose=0, shuffle=False)
     np.testing.assert_allclose(_state(layer)[0], x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(_state(layer)[1], x.var(0) * 64 / 63, rtol=1e-5)
+
+
+def test_float64_statistics_or_a_warning_where_the_backend_has_none():
+    x = np.random.default_rng(0).normal(1e4, 1.0, (8, 3))
+    without = BACKEND == "jax" and not keras_bn.backends.current().has_float64()
+    layer = keras_bn.BatchNormalization(dtype="float64", momentum=0.0)
+    if without:
+        with pytest.warns(UserWarning, match="jax_enable_x64"):
+            layer.build(x.shape)
+    y = layer(x, training=True)
+    dtype = "float32" if without else "float64"
+    assert keras.backend.standardize_dtype(layer.moving_mean.value.dtype) == dtype
+    assert keras.backend.standardize_dtype(y.dtype) == dtype
+    tolerance = 1e-3 if without else 1e-9
+    np.testing.assert_allclose(_state(layer)[0], x.mean(0), rtol=tolerance)
