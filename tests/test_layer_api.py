@@ -278,3 +278,46 @@ def test_readme_opens_with_two_runnable_commands():
     assert len(blocks) == 2 and "pytest" in blocks[1]
     ci = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
     assert blocks[1].split("&&")[-1].strip() in ci, "CI must run the README's test command"
+
+
+# ------------------------------------------------ precision of every TensorFlow training path
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager_graph", "jit_compile"])
+def test_every_path_keeps_precision_far_from_zero(fused, jit):
+    # x = 12000 +/- 0.5: E[x^2] - E[x]^2 (what XLA lowers FusedBatchNormV3 to) loses it all,
+    # and x * m + c cancels three digits; (x - mean) * m + beta keeps the kernel's +/-0.99801.
+    layer = keras_bn.BatchNormalization(momentum=0.0, fused=fused)
+    step = tf.function(lambda x: layer(x, training=True), jit_compile=jit)
+    y = step(tf.constant([[12000.5], [11999.5]])).numpy()[:, 0]
+    np.testing.assert_allclose(y, [0.99801, -0.99801], atol=2e-4)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), [0.5], rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_renorm_on_the_kernel_keeps_float32_math_for_half_inputs(dtype):
+    x = np.random.default_rng(0).normal(0.0, 1e-3, (64, 4)).astype(np.float32)
+    outputs = []
+    for fused in (True, False):
+        layer = keras_bn.BatchNormalization(
+            renorm=True, fused=fused, dtype=keras.DTypePolicy(f"mixed_{dtype}")
+        )
+        layer.build(x.shape)
+        layer.renorm_stddev.assign(np.full(4, 0.5, np.float32))
+        outputs.append(tf.cast(layer(tf.cast(x, dtype), training=True), tf.float32).numpy())
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=5e-3 if dtype == "float16" else 3e-2)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_empty_batch_gives_zero_gradients_on_every_path(fused, dtype):
+    layer = keras_bn.BatchNormalization(fused=fused, dtype=dtype)
+    layer.build((None, 3))
+    x = tf.zeros([0, 3], dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x, training=True) * 2.0)
+    grads = tape.gradient(loss, [layer.gamma.value, layer.beta.value])
+    for g in grads:
+        np.testing.assert_array_equal(g.numpy(), np.zeros(3))

@@ -104,6 +104,16 @@ for sync in (False, True):
         var=float(np.abs(layer.moving_variance.numpy() - x.var(0) * 32 / 31).max()),
     )
 results["fit"] = fits
+
+# A ModelParallel mesh with a batch axis of 2 (and a model axis of 2): two slices.
+mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), keras.distribution.list_devices())
+keras.distribution.set_distribution(keras.distribution.ModelParallel(
+    layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"))
+x = np.concatenate([rng.normal(5.0 * d, 1.0 + d, (4, 3)) for d in range(2)]).astype("float32")
+layer = keras_bn.BatchNormalization(center=False, scale=False)
+y = np.asarray(layer(x, training=True))
+ref = np.concatenate([(s - s.mean(0)) / np.sqrt(s.var(0) + 1e-3) for s in (x[:4], x[4:])])
+results["model_parallel"] = float(np.abs(y - ref).max())
 print("RESULTS" + json.dumps(results))
 """
 
@@ -144,6 +154,10 @@ def test_collectives_per_layer(results):
 
 def test_ghost_batches_split_inside_each_device_slice(results):
     assert results["ghost"] < 1e-4
+
+
+def test_model_parallel_mesh_normalizes_each_slice_of_its_batch_axis(results):
+    assert results["model_parallel"] < 1e-4
 
 
 def test_fit_keeps_moving_statistics_replicated_and_global(results):
