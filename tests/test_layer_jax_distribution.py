@@ -103,6 +103,21 @@ for sync in (False, True):
         mean=float(np.abs(layer.moving_mean.numpy() - x.mean(0)).max()),
         var=float(np.abs(layer.moving_variance.numpy() - x.var(0) * 32 / 31).max()),
     )
+# model.fit with a mask (Masking: all-zero time steps), uneven masked counts per device.
+x = np.concatenate([rng.normal(2.0 * d, 1.0 + d, (8, 5, 3)) for d in range(D)]).astype("float32")
+keep = rng.random((32, 5)) < np.repeat([0.9, 0.3, 0.6, 1.0], 8)[:, None]
+x = np.where(keep[..., None], x, 0.0).astype("float32")
+for sync in (False, True):
+    layer = keras_bn.BatchNormalization(momentum=0.0, synchronized=sync)
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(0.0), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x, np.zeros_like(x), batch_size=32, epochs=1, verbose=0, shuffle=False)
+    values = x[keep]
+    fits[f"masked-{sync}"] = dict(
+        replicated=bool(layer.moving_variance.value.sharding.is_fully_replicated),
+        mean=float(np.abs(layer.moving_mean.numpy() - values.mean(0)).max()),
+        var=float(np.abs(layer.moving_variance.numpy() - values.var(0, ddof=1)).max()),
+    )
 results["fit"] = fits
 
 # A ModelParallel mesh with a batch axis of 2 (and a model axis of 2): two slices.
@@ -161,6 +176,7 @@ def test_model_parallel_mesh_normalizes_each_slice_of_its_batch_axis(results):
 
 
 def test_fit_keeps_moving_statistics_replicated_and_global(results):
+    assert len(results["fit"]) == 4
     for sync, r in results["fit"].items():
         assert r["replicated"], sync
         assert r["mean"] < 1e-4 and r["var"] < 1e-3, (sync, r)
