@@ -536,6 +536,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         count = ops.broadcast_to(moments.count, ops.shape(moments.mean))
         moments = moments_lib.Moments(count, moments.mean, moments.variance)
         observed = self._observed(moments, group_axes)
+        if self._statistics_observer is not None:
+            return None, None, observed  # Alg. 2 measures: no exchange for moving statistics
         if self.virtual_batch_size is not None:
             # Each ghost batch's own estimate (n/(n-1) on its own count), then their average:
             # over this replica's ghost batches, or every replica's.
