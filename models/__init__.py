@@ -7,7 +7,9 @@
 
 Every builder returns an uncompiled `keras.Model` giving LOGITS (no softmax) and takes
 `norm_layer` (default `keras_bn.BatchNormalization`; pass `keras.layers.BatchNormalization` for
-the same net with Keras's layer), `num_classes` and `input_shape`.
+the same net with Keras's layer), `num_classes` and `input_shape`: the keyword arguments of
+`ModelOptions`, which each model's options dataclass extends (`mlp.MlpOptions`,
+`inception.InceptionOptions`); `inspect.signature` of a builder lists them with its defaults.
 
 - `mlp`: the MNIST net of section 4.1 (`keras_bn.models.mlp.mlp`); `batch_norm=False` gives
   the baseline.
@@ -17,6 +19,7 @@ the same net with Keras's layer), `num_classes` and `input_shape`.
 """
 
 from keras_bn.models import inception, mlp
+from keras_bn.models._common import ModelOptions
 from keras_bn.models.lrn import LocalResponseNormalization
 
 _BUILDERS = {
@@ -54,4 +57,4 @@ def get(name, **kwargs):
     return builder(**kwargs)
 
 
-__all__ = ["LocalResponseNormalization", "get", "inception", "mlp", "names"]
+__all__ = ["LocalResponseNormalization", "ModelOptions", "get", "inception", "mlp", "names"]

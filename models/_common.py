@@ -1,4 +1,16 @@
-"""Small helpers shared by the zoo builders (private)."""
+"""What the zoo builders share (private): their common options, and how a builder is made.
+
+Each model family declares its keyword arguments once, as the fields of an options dataclass
+(its type, default, check and documentation in one place); `builder` turns a function of those
+options into the public builder, whose `inspect.signature` lists the real keyword arguments (the
+trainer's `--model_kwargs` is checked against it), with a preset's own defaults.
+"""
+
+import dataclasses
+import difflib
+import functools
+import inspect
+from collections.abc import Callable
 
 import keras
 
@@ -76,3 +88,105 @@ def check_activation(activation):
             f"(BN-x5-Sigmoid)."
         ) from error
     return activation
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """The keyword arguments every zoo builder takes; each model's options add their own.
+
+    Attributes:
+        batch_norm: bool, build the net with a normalization layer before every hidden
+            nonlinearity (True) or without (False).
+        norm_layer: layer class or callable taking Keras BatchNormalization keyword arguments
+            (`axis, momentum, epsilon, center, scale, name`); None means
+            `keras_bn.BatchNormalization`. Pass `keras.layers.BatchNormalization` to build the
+            same net with Keras's layer. Unused when `batch_norm=False`.
+        num_classes: int, number of logits.
+        input_shape: shape of one example, channels last.
+        seed: None or int; an int makes the initial weights reproducible.
+        bn_momentum: passed to the norm layer as `momentum`.
+        bn_epsilon: passed to the norm layer as `epsilon`.
+        name: model name; None gives the builder's default.
+    """
+
+    batch_norm: bool = True
+    norm_layer: Callable[..., keras.layers.Layer] | None = None
+    num_classes: int = 10
+    input_shape: tuple[int | None, ...] = ()
+    seed: int | None = None
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    name: str | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type is bool and not isinstance(value, bool):
+                raise ValueError(f"`{field.name}` must be True or False; received {value!r}.")
+        if isinstance(self.num_classes, bool) or int(self.num_classes) < 1:
+            raise ValueError(
+                f"`num_classes` must be a positive int; received {self.num_classes!r}."
+            )
+        if self.batch_norm:
+            resolve_norm_layer(self.norm_layer)
+
+    def normalize(self, x, name, scale=True):
+        """`norm_layer(...)(x)` with these options (named `name`), or `x` without BN."""
+        if not self.batch_norm:
+            return x
+        return resolve_norm_layer(self.norm_layer)(
+            axis=-1,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            center=True,
+            scale=scale,
+            name=name,
+        )(x)
+
+
+def builder(options_type, *, fixed=None, **defaults):
+    """Decorates `build(options) -> keras.Model` into the public `build(**options)`.
+
+    Args:
+        options_type: the `ModelOptions` dataclass whose fields are the keyword arguments.
+        fixed: field -> value this builder always uses; not one of its arguments.
+        **defaults: field -> this builder's own default, in place of the dataclass's.
+
+    Returns:
+        A decorator. The builder it makes has the signature of the fields (keyword-only, `name`
+        last) and raises TypeError for an unknown argument, naming the closest known one.
+    """
+    fixed = dict(fixed or {})
+    fields = [f for f in dataclasses.fields(options_type) if f.name not in fixed]
+    fields.sort(key=lambda f: f.name == "name")
+    signature = inspect.Signature(
+        [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=defaults.get(f.name, f.default),
+                annotation=f.type,
+            )
+            for f in fields
+        ],
+        return_annotation=keras.Model,
+    )
+
+    def decorate(build):
+        @functools.wraps(build)
+        def public_builder(**kwargs):
+            for key in kwargs:
+                if key not in signature.parameters:
+                    close = difflib.get_close_matches(key, signature.parameters, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else "."
+                    raise TypeError(
+                        f"{build.__name__}() got an unexpected keyword argument {key!r}{hint}"
+                    )
+            bound = signature.bind(**kwargs)
+            bound.apply_defaults()
+            return build(options_type(**bound.arguments, **fixed))
+
+        public_builder.__signature__ = signature
+        return public_builder
+
+    return decorate

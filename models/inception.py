@@ -28,6 +28,8 @@ The paper's "13.6M parameters" (appendix) is not reproduced by any reading of it
 adding GoogLeNet's auxiliary heads (about 3.2M each).
 """
 
+import dataclasses
+
 import keras
 
 from keras_bn.models import _common
@@ -129,55 +131,94 @@ def _check_input_shape(input_shape):
     return input_shape
 
 
-class _Builder:
-    """Holds the options of one network and builds its conv units (private)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InceptionOptions(_common.ModelOptions):
+    """The keyword arguments of the Inception builders: those of `ModelOptions` and these.
 
-    def __init__(
-        self,
-        *,
-        batch_norm,
-        norm_layer,
-        activation,
-        depth_multiplier,
-        min_depth,
-        weight_decay,
-        bn_momentum,
-        bn_epsilon,
-        bn_scale,
-        seed,
-    ):
-        if not depth_multiplier > 0:
+    The defaults are `bn_inception`'s; `inception` and `bn_inception_sigmoid` change a few.
+
+    Attributes:
+        batch_norm: bool. True: every conv is `Conv2D(use_bias=False) -> norm_layer ->
+            activation` (BN-Inception). False: `Conv2D(use_bias=True) -> activation` (Inception).
+        input_shape: `(height, width, channels)`, channels last; height and width >= 75 or
+            None. The head pools globally, so any size from 75 up works.
+        depth_multiplier: float > 0; every conv width d becomes
+            `max(int(d * depth_multiplier), min_depth)` (tf-slim's rule).
+        min_depth: int >= 1, the smallest width `depth_multiplier` may give.
+        activation: "relu" (the paper) or "sigmoid" (BN-x5-Sigmoid).
+        weight_decay: float >= 0, L2 weight decay in tf-slim's convention s (loss += s/2 *
+            sum(w^2)), applied as `keras.regularizers.L2(s / 2)` to every conv kernel and the
+            logits kernel; never to biases or BN parameters. 0 disables it.
+        paper_widths: False: tf-slim's consistent widths (576/1024 channels). True: the
+            printed table's pool projections of 128 in 4c and 4d (608/1056 channels).
+        dropout_rate: float in [0, 1), dropout before the logits (0 adds no layer).
+        use_lrn: bool, local response normalization after MaxPool_2a_3x3 and after
+            Conv2d_2c_3x3, as in GoogLeNet (layers `MaxPool_2a_3x3_lrn`, `Conv2d_2c_3x3_lrn`).
+        separable_stem: True: the paper's separable 7x7/2 stem with inner depth multiplier 8
+            (slim: `min(depth(64) // 3, 8)`). False: a full 7x7/2 convolution.
+        bn_scale: passed as `scale` (learn gamma). slim uses False before ReLU; the sigmoid
+            variant needs gamma.
+        final_endpoint: the last end point built (`END_POINTS`, tf-slim's argument); the
+            head pools and classifies its output. The default builds the whole network;
+            an earlier one gives a shallower net (for a quick run, or a feature extractor).
+    """
+
+    num_classes: int = 1000
+    input_shape: tuple[int | None, ...] = (224, 224, 3)
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    activation: str = "relu"
+    weight_decay: float = 4e-5
+    paper_widths: bool = False
+    dropout_rate: float = 0.0
+    use_lrn: bool = False
+    separable_stem: bool = True
+    bn_scale: bool = True
+    final_endpoint: str = "Mixed_5c"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_input_shape(self.input_shape)
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"`dropout_rate` must be in [0, 1); received {self.dropout_rate!r}.")
+        if self.final_endpoint not in END_POINTS:
+            raise ValueError(
+                f"`final_endpoint` must be one of {', '.join(END_POINTS)}; received "
+                f"{self.final_endpoint!r}."
+            )
+        if not self.depth_multiplier > 0:
             raise ValueError(
                 f"`depth_multiplier` must be > 0 (widths become max(int(d * depth_multiplier), "
-                f"min_depth)); received {depth_multiplier!r}."
+                f"min_depth)); received {self.depth_multiplier!r}."
             )
+        min_depth = self.min_depth
         if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
             raise ValueError(f"`min_depth` must be an int >= 1; received {min_depth!r}.")
-        if weight_decay is None or weight_decay < 0:
+        if self.weight_decay is None or self.weight_decay < 0:
             raise ValueError(
                 f"`weight_decay` must be >= 0 (slim convention, 0 disables it); received "
-                f"{weight_decay!r}."
+                f"{self.weight_decay!r}."
             )
-        self.batch_norm = batch_norm
-        self.norm_layer = _common.resolve_norm_layer(norm_layer) if batch_norm else None
-        self.activation = _common.check_activation(activation)
-        self.depth_multiplier = float(depth_multiplier)
-        self.min_depth = min_depth
-        self.weight_decay = float(weight_decay)
-        self.bn_momentum = bn_momentum
-        self.bn_epsilon = bn_epsilon
-        self.bn_scale = bn_scale
-        self.seeds = _common.SeedStream(seed)
+        _common.check_activation(self.activation)
+
+
+class _Builder:
+    """Builds the conv units of one network from its options (private)."""
+
+    def __init__(self, options):
+        self.options = options
+        self.batch_norm = options.batch_norm
+        self.seeds = _common.SeedStream(options.seed)
 
     def depth(self, d):
         """tf-slim's width rule."""
-        return max(int(d * self.depth_multiplier), self.min_depth)
+        return max(int(d * self.options.depth_multiplier), self.options.min_depth)
 
     def regularizer(self):
         # slim's l2_regularizer(s) adds s * sum(w^2) / 2; Keras's L2(l) adds l * sum(w^2).
-        if self.weight_decay == 0:
+        if self.options.weight_decay == 0:
             return None
-        return keras.regularizers.L2(self.weight_decay / 2)
+        return keras.regularizers.L2(self.options.weight_decay / 2)
 
     def initializer(self, stddev=None):
         """slim's per-layer truncated normal (BN nets), else its arg-scope default (He, fan-in).
@@ -191,16 +232,8 @@ class _Builder:
         return keras.initializers.TruncatedNormal(stddev=stddev, seed=self.seeds())
 
     def normalize_and_activate(self, x, name):
-        if self.batch_norm:
-            x = self.norm_layer(
-                axis=-1,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                center=True,
-                scale=self.bn_scale,
-                name=f"{name}_bn",
-            )(x)
-        return keras.layers.Activation(self.activation, name=name)(x)
+        x = self.options.normalize(x, f"{name}_bn", scale=self.options.bn_scale)
+        return keras.layers.Activation(self.options.activation, name=name)(x)
 
     def conv(self, x, filters, kernel_size, name, strides=1, stddev=None):
         """Conv2D (no bias before BN) -> BN -> activation; the activation layer carries `name`."""
@@ -275,112 +308,46 @@ class _Builder:
         return keras.layers.Concatenate(axis=-1, name=name)([branch_0, branch_1, branch_2])
 
 
-def build_inception(
-    *,
-    batch_norm,
-    norm_layer=None,
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    depth_multiplier=1.0,
-    min_depth=16,
-    activation="relu",
-    weight_decay=4e-5,
-    paper_widths=False,
-    dropout_rate=0.0,
-    use_lrn=False,
-    separable_stem=True,
-    bn_momentum=0.99,
-    bn_epsilon=1e-3,
-    bn_scale=True,
-    seed=None,
-    final_endpoint="Mixed_5c",
-    name=None,
-):
-    """Builds the Figure 5 network, batch-normalized or not; see `bn_inception` and `inception`.
-
-    Args:
-        batch_norm: bool. True: every conv is `Conv2D(use_bias=False) -> norm_layer ->
-            activation` (BN-Inception). False: `Conv2D(use_bias=True) -> activation` (Inception).
-        norm_layer: layer class or callable taking Keras BatchNormalization keyword arguments
-            (`axis, momentum, epsilon, center, scale, name`); None means
-            `keras_bn.BatchNormalization`. Unused when `batch_norm=False`.
-        num_classes: int, number of logits.
-        input_shape: `(height, width, channels)`, channels last; height and width >= 75 or
-            None. The head pools globally, so any size from 75 up works.
-        depth_multiplier: float > 0; every conv width d becomes
-            `max(int(d * depth_multiplier), min_depth)` (tf-slim's rule).
-        min_depth: int >= 1, the smallest width `depth_multiplier` may give.
-        activation: "relu" (the paper) or "sigmoid" (BN-x5-Sigmoid).
-        weight_decay: float >= 0, L2 weight decay in tf-slim's convention s (loss += s/2 *
-            sum(w^2)), applied as `keras.regularizers.L2(s / 2)` to every conv kernel and the
-            logits kernel; never to biases or BN parameters. 0 disables it.
-        paper_widths: False: tf-slim's consistent widths (576/1024 channels). True: the
-            printed table's pool projections of 128 in 4c and 4d (608/1056 channels).
-        dropout_rate: float in [0, 1), dropout before the logits (0 adds no layer).
-        use_lrn: bool, local response normalization after MaxPool_2a_3x3 and after
-            Conv2d_2c_3x3, as in GoogLeNet (layers `MaxPool_2a_3x3_lrn`, `Conv2d_2c_3x3_lrn`).
-        separable_stem: True: the paper's separable 7x7/2 stem with inner depth multiplier 8
-            (slim: `min(depth(64) // 3, 8)`). False: a full 7x7/2 convolution.
-        bn_momentum: passed to the norm layer as `momentum` (slim uses 0.9997).
-        bn_epsilon: passed to the norm layer as `epsilon`.
-        bn_scale: passed as `scale` (learn gamma). slim uses False before ReLU; the sigmoid
-            variant needs gamma.
-        seed: None or int; an int makes the initial weights reproducible.
-        final_endpoint: the last end point built (`END_POINTS`, tf-slim's argument); the
-            head pools and classifies its output. The default builds the whole network;
-            an earlier one gives a shallower net (for a quick run, or a feature extractor).
-        name: model name; default "bn_inception" or "inception".
-
-    Returns:
-        An uncompiled `keras.Model` from images to `(batch, num_classes)` logits (no softmax).
-    """
-    input_shape = _check_input_shape(input_shape)
-    if not 0 <= dropout_rate < 1:
-        raise ValueError(f"`dropout_rate` must be in [0, 1); received {dropout_rate!r}.")
-    if int(num_classes) < 1:
-        raise ValueError(f"`num_classes` must be a positive int; received {num_classes!r}.")
-    if final_endpoint not in END_POINTS:
-        raise ValueError(
-            f"`final_endpoint` must be one of {', '.join(END_POINTS)}; received {final_endpoint!r}."
-        )
-    b = _Builder(
-        batch_norm=batch_norm,
-        norm_layer=norm_layer,
-        activation=activation,
-        depth_multiplier=depth_multiplier,
-        min_depth=min_depth,
-        weight_decay=weight_decay,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        bn_scale=bn_scale,
-        seed=seed,
-    )
-
-    inputs = keras.Input(shape=input_shape, name="images")
+def _build(options):
+    b = _Builder(options)
+    inputs = keras.Input(shape=tuple(options.input_shape), name="images")
     x = next(  # the generator builds the layers up to the end point, and no further
-        x
-        for end_point, x in _end_points(b, inputs, separable_stem, use_lrn, paper_widths)
-        if end_point == final_endpoint
+        x for end_point, x in _end_points(b, inputs) if end_point == options.final_endpoint
     )
 
     x = keras.layers.GlobalAveragePooling2D(name="AvgPool_1a")(x)
-    if dropout_rate > 0:
-        x = keras.layers.Dropout(dropout_rate, seed=b.seeds(), name="Dropout_1b")(x)
+    if options.dropout_rate > 0:
+        x = keras.layers.Dropout(options.dropout_rate, seed=b.seeds(), name="Dropout_1b")(x)
     outputs = keras.layers.Dense(
-        int(num_classes),
+        int(options.num_classes),
         kernel_initializer=b.initializer(),
         kernel_regularizer=b.regularizer(),
         dtype=_common.logits_dtype(),
         name="Logits",
     )(x)
+    name = options.name
     if name is None:
-        name = "bn_inception" if batch_norm else "inception"
+        name = "bn_inception" if options.batch_norm else "inception"
     return keras.Model(inputs, outputs, name=name)
 
 
-def _end_points(b, x, separable_stem, use_lrn, paper_widths):
+@_common.builder(InceptionOptions)
+def build_inception(options):
+    """Builds the Figure 5 network, batch-normalized or not; see `bn_inception` and `inception`.
+
+    Keyword arguments: the fields of `InceptionOptions`; the name defaults to "bn_inception"
+    or "inception".
+
+    Returns:
+        An uncompiled `keras.Model` from images to `(batch, num_classes)` logits (no softmax).
+    """
+    return _build(options)
+
+
+def _end_points(b, x):
     """Yields `(end point, tensor)` top to bottom, building each layer only when asked for."""
-    x = b.stem(x, separable_stem)
+    use_lrn, paper_widths = b.options.use_lrn, b.options.paper_widths
+    x = b.stem(x, b.options.separable_stem)
     yield "Conv2d_1a_7x7", x
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="MaxPool_2a_3x3")(x)
     if use_lrn:
@@ -404,26 +371,8 @@ def _end_points(b, x, separable_stem, use_lrn, paper_widths):
         yield module_name, x
 
 
-def bn_inception(
-    *,
-    norm_layer=None,
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    depth_multiplier=1.0,
-    min_depth=16,
-    activation="relu",
-    weight_decay=4e-5,
-    paper_widths=False,
-    dropout_rate=0.0,
-    use_lrn=False,
-    separable_stem=True,
-    bn_momentum=0.99,
-    bn_epsilon=1e-3,
-    bn_scale=True,
-    seed=None,
-    final_endpoint="Mixed_5c",
-    name="bn_inception",
-):
+@_common.builder(InceptionOptions, fixed={"batch_norm": True}, name="bn_inception")
+def bn_inception(options):
     """Builds BN-Inception, the network of the paper's Figure 5, returning logits.
 
     Read top to bottom like the table: separable 7x7/2 stem (depth multiplier 8), 3x3/2 max
@@ -449,8 +398,7 @@ def bn_inception(
     For BN-Baseline (the paper's Inception with BN added), keep the baseline's switches:
     `bn_inception(dropout_rate=0.4, use_lrn=True, weight_decay=2e-4)`.
 
-    Args:
-        See `build_inception` (everything but `batch_norm`).
+    Keyword arguments: the fields of `InceptionOptions` but `batch_norm`.
 
     Returns:
         An uncompiled `keras.Model`.
@@ -466,65 +414,39 @@ def bn_inception(
     >>> model.output_shape
     (None, 10)
     """
-    return build_inception(
-        batch_norm=True,
-        norm_layer=norm_layer,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        depth_multiplier=depth_multiplier,
-        min_depth=min_depth,
-        activation=activation,
-        weight_decay=weight_decay,
-        paper_widths=paper_widths,
-        dropout_rate=dropout_rate,
-        use_lrn=use_lrn,
-        separable_stem=separable_stem,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        bn_scale=bn_scale,
-        seed=seed,
-        final_endpoint=final_endpoint,
-        name=name,
-    )
+    return _build(options)
 
 
-def bn_inception_sigmoid(*, activation="sigmoid", name="bn_inception_sigmoid", **kwargs):
+@_common.builder(
+    InceptionOptions,
+    fixed={"batch_norm": True},
+    activation="sigmoid",
+    name="bn_inception_sigmoid",
+)
+def bn_inception_sigmoid(options):
     """Builds BN-x5-Sigmoid's network: `bn_inception` with sigmoid instead of ReLU.
 
     gamma is kept (`bn_scale=True`): "normalizing the inputs of a sigmoid would constrain them
     to the linear regime of the nonlinearity" (paper section 3); gamma and beta undo that.
 
-    Args:
-        activation: the nonlinearity, "sigmoid".
-        name: model name.
-        **kwargs: everything else `bn_inception` takes.
+    Keyword arguments: those of `bn_inception`, with `activation="sigmoid"` and the name
+    "bn_inception_sigmoid" by default.
 
     Returns:
         An uncompiled `keras.Model` giving logits.
     """
-    return bn_inception(activation=activation, name=name, **kwargs)
+    return _build(options)
 
 
-def inception(
-    *,
-    norm_layer=None,
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    depth_multiplier=1.0,
-    min_depth=16,
-    activation="relu",
+@_common.builder(
+    InceptionOptions,
+    fixed={"batch_norm": False},
     weight_decay=2e-4,
-    paper_widths=False,
     dropout_rate=0.4,
     use_lrn=True,
-    separable_stem=True,
-    bn_momentum=0.99,
-    bn_epsilon=1e-3,
-    bn_scale=True,
-    seed=None,
-    final_endpoint="Mixed_5c",
     name="inception",
-):
+)
+def inception(options):
     """Builds the paper's baseline "Inception": the Figure 5 topology without BN, returning logits.
 
     Convs have biases and no normalization; local response normalization follows the stem's
@@ -541,10 +463,9 @@ def inception(
     and not built. Parameters: 11,178,336 (slim widths, 1000 classes; conv biases replace
     BN's beta and gamma), 11,268,512 with `paper_widths=True`.
 
-    Args:
-        norm_layer, bn_momentum, bn_epsilon, bn_scale: accepted so that every zoo builder takes
-            the same arguments, and unused: the baseline has no normalization layer.
-        See `build_inception` for the others.
+    Keyword arguments: the fields of `InceptionOptions` but `batch_norm`. `norm_layer`,
+    `bn_momentum`, `bn_epsilon` and `bn_scale` are accepted so that every zoo builder takes the
+    same arguments, and unused: the baseline has no normalization layer.
 
     Returns:
         An uncompiled `keras.Model`.
@@ -552,20 +473,4 @@ def inception(
     Reference:
         Ioffe & Szegedy, 2015, section 4.2; Szegedy et al., 2014 (GoogLeNet).
     """
-    del norm_layer, bn_momentum, bn_epsilon, bn_scale  # no BN in the baseline
-    return build_inception(
-        batch_norm=False,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        depth_multiplier=depth_multiplier,
-        min_depth=min_depth,
-        activation=activation,
-        weight_decay=weight_decay,
-        paper_widths=paper_widths,
-        dropout_rate=dropout_rate,
-        use_lrn=use_lrn,
-        separable_stem=separable_stem,
-        seed=seed,
-        final_endpoint=final_endpoint,
-        name=name,
-    )
+    return _build(options)

@@ -1,5 +1,7 @@
 """The paper's MNIST network (section 4.1, Figure 1), with and without Batch Normalization."""
 
+import dataclasses
+
 import keras
 
 from keras_bn.models import _common
@@ -7,19 +9,35 @@ from keras_bn.models import _common
 DEFAULT_INIT_STDDEV = 0.01
 
 
-def mlp(
-    *,
-    batch_norm=True,
-    norm_layer=None,
-    num_classes=10,
-    input_shape=(784,),
-    hidden_units=(100, 100, 100),
-    init_stddev=DEFAULT_INIT_STDDEV,
-    seed=None,
-    bn_momentum=0.99,
-    bn_epsilon=1e-3,
-    name=None,
-):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MlpOptions(_common.ModelOptions):
+    """The keyword arguments of `mlp`: those of every zoo builder (`ModelOptions`) and these.
+
+    Attributes:
+        input_shape: shape of one example, `(784,)` for flat MNIST.
+        hidden_units: sequence of hidden layer widths, one sigmoid layer each.
+        init_stddev: float > 0, standard deviation of the Gaussian weight initialization.
+    """
+
+    num_classes: int = 10
+    input_shape: tuple[int | None, ...] = (784,)
+    hidden_units: tuple[int, ...] = (100, 100, 100)
+    init_stddev: float = DEFAULT_INIT_STDDEV
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.init_stddev > 0:
+            raise ValueError(f"`init_stddev` must be > 0; received {self.init_stddev!r}.")
+        hidden_units = tuple(self.hidden_units)
+        if not hidden_units or any(int(units) < 1 for units in hidden_units):
+            raise ValueError(
+                f"`hidden_units` must be a non-empty sequence of positive ints; received "
+                f"{hidden_units!r}."
+            )
+
+
+@_common.builder(MlpOptions)
+def mlp(options):
     """Builds the MNIST net of the paper's section 4.1: 784 -> 3 x (100, sigmoid) -> 10 logits.
 
     With `batch_norm=True` every hidden layer is `Dense(use_bias=False) -> norm_layer() ->
@@ -45,20 +63,7 @@ def mlp(
     - BN: momentum 0.99 and epsilon 1e-3 (Keras's defaults), gamma and beta learned.
     - Input: 784 floats; binarizing or scaling the images is the data pipeline's job.
 
-    Args:
-        batch_norm: bool, build the BN net (True) or the baseline (False).
-        norm_layer: layer class or callable taking Keras BatchNormalization keyword arguments
-            (`axis, momentum, epsilon, center, scale, name`); None means
-            `keras_bn.BatchNormalization`. Pass `keras.layers.BatchNormalization` to build the
-            same net with Keras's layer. Unused when `batch_norm=False`.
-        num_classes: int, number of logits.
-        input_shape: shape of one example, `(784,)` for flat MNIST.
-        hidden_units: sequence of hidden layer widths, one sigmoid layer each.
-        init_stddev: float > 0, standard deviation of the Gaussian weight initialization.
-        seed: None or int; an int makes the initial weights reproducible.
-        bn_momentum: passed to the norm layer as `momentum`.
-        bn_epsilon: passed to the norm layer as `epsilon`.
-        name: model name; default "mlp_bn" or "mlp".
+    Keyword arguments: the fields of `MlpOptions`; the name defaults to "mlp_bn" or "mlp".
 
     Returns:
         An uncompiled `keras.Model` mapping `(batch,) + input_shape` to `(batch, num_classes)`
@@ -75,50 +80,31 @@ def mlp(
     >>> model.output_shape
     (None, 10)
     """
-    if not init_stddev > 0:
-        raise ValueError(f"`init_stddev` must be > 0; received {init_stddev!r}.")
-    hidden_units = tuple(hidden_units)
-    if not hidden_units or any(int(units) < 1 for units in hidden_units):
-        raise ValueError(
-            f"`hidden_units` must be a non-empty sequence of positive ints; received "
-            f"{hidden_units!r}."
-        )
-    if int(num_classes) < 1:
-        raise ValueError(f"`num_classes` must be a positive int; received {num_classes!r}.")
-    if batch_norm:
-        norm_layer = _common.resolve_norm_layer(norm_layer)
-    seeds = _common.SeedStream(seed)
+    seeds = _common.SeedStream(options.seed)
 
     def init():
-        return keras.initializers.RandomNormal(stddev=init_stddev, seed=seeds())
+        return keras.initializers.RandomNormal(stddev=options.init_stddev, seed=seeds())
 
-    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    inputs = keras.Input(shape=tuple(options.input_shape), name="inputs")
     x = inputs
-    for i, units in enumerate(hidden_units, start=1):
+    for i, units in enumerate(options.hidden_units, start=1):
         x = keras.layers.Dense(
             int(units),
-            use_bias=not batch_norm,
+            use_bias=not options.batch_norm,
             kernel_initializer=init(),
             name=f"hidden{i}_dense",
         )(x)
-        if batch_norm:
-            x = norm_layer(
-                axis=-1,
-                momentum=bn_momentum,
-                epsilon=bn_epsilon,
-                center=True,
-                scale=True,
-                name=f"hidden{i}_bn",
-            )(x)
+        x = options.normalize(x, f"hidden{i}_bn")
         x = keras.layers.Activation("sigmoid", name=f"hidden{i}_sigmoid")(x)
     outputs = keras.layers.Dense(
-        int(num_classes),
+        int(options.num_classes),
         kernel_initializer=init(),
         dtype=_common.logits_dtype(),
         name="logits",
     )(x)
+    name = options.name
     if name is None:
-        name = "mlp_bn" if batch_norm else "mlp"
+        name = "mlp_bn" if options.batch_norm else "mlp"
     return keras.Model(inputs, outputs, name=name)
 
 
