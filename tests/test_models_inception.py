@@ -5,6 +5,7 @@ import functools
 import keras
 import numpy as np
 import pytest
+from test_models_backends import needs_our_layer
 
 import keras_bn
 from keras_bn import models
@@ -215,6 +216,7 @@ def test_weight_decay_is_slim_convention_on_kernels_only():
 # ---------------------------------------------------------------- input sizes and errors
 
 
+@needs_our_layer
 def test_any_input_from_75_up():
     model = models.get(
         "bn_inception", depth_multiplier=0.1, num_classes=3, input_shape=(None, None, 3)
@@ -295,7 +297,14 @@ def _train(name, steps, learning_rate):
     return model, images, losses, before, after
 
 
-@pytest.fixture(scope="module", params=["bn_inception", "bn_inception_sigmoid", "inception"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("bn_inception", marks=needs_our_layer),
+        pytest.param("bn_inception_sigmoid", marks=needs_our_layer),
+        "inception",
+    ],
+)
 def trained(request):
     if request.param == "inception":
         return request.param, *_train(request.param, steps=5, learning_rate=1e-3)
@@ -327,6 +336,7 @@ def test_keras_file_round_trip(trained, tmp_path):
     )
 
 
+@needs_our_layer
 def test_mixed_precision_gives_float32_logits():
     images, _ = _synthetic_batch(n=2)
     previous = keras.config.dtype_policy()
