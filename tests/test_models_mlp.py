@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-from test_models_backends import needs_our_layer
 
 from keras_bn import models
 from keras_bn.models import mlp
@@ -100,7 +99,7 @@ def test_preactivation_model_baseline_is_wu_plus_b():
         u = 1 / (1 + np.exp(-expected))
 
 
-@pytest.mark.parametrize("norm_layer", [pytest.param(None, marks=needs_our_layer), KERAS_BN])
+@pytest.mark.parametrize("norm_layer", [None, KERAS_BN])
 def test_preactivation_model_bn_training_view(norm_layer):
     x, _ = _batch(32)
     model = models.get("mlp", norm_layer=norm_layer, seed=0)
@@ -126,10 +125,7 @@ def test_preactivation_model_needs_named_layers():
 
 # The baseline at the default N(0, 0.01^2) init barely moves for hundreds of steps (vanishing
 # sigmoid gradients, the point of Figure 1); a larger init lets this test see it learn.
-@pytest.mark.parametrize(
-    "batch_norm, init_stddev",
-    [pytest.param(True, mlp.DEFAULT_INIT_STDDEV, marks=needs_our_layer), (False, 0.1)],
-)
+@pytest.mark.parametrize("batch_norm, init_stddev", [(True, mlp.DEFAULT_INIT_STDDEV), (False, 0.1)])
 def test_sgd_steps_reduce_the_loss_and_keras_round_trip(batch_norm, init_stddev, tmp_path):
     x, y = _batch(60)
     model = models.get("mlp", batch_norm=batch_norm, num_classes=4, init_stddev=init_stddev, seed=0)
