@@ -105,9 +105,6 @@ def test_models_import_no_backend_at_module_level():
                 assert top not in {"tensorflow", "jax", "torch"}, f"{path.name} imports {module}"
 
 
-@pytest.mark.xfail(
-    strict=False, reason="keras_bn/population.py imports TensorFlow at module level (not the zoo)"
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_importing_the_zoo_does_not_import_tensorflow(backend):
     assert not _report(backend)["tensorflow_imported"]
