@@ -542,12 +542,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # Each ghost batch's own estimate (n/(n-1) on its own count), then their average:
             # over this replica's ghost batches, or every replica's.
             target = moments_lib.estimate(moments, self.unbiased_variance)
+            sums = moments_lib.estimate_sums(target, group_axes)
             if replicas is not None and synced is None:
-                sums = moments_lib.estimate_sums(target)
-                sums = ops.sum(sums, axis=[a + 1 for a in group_axes], keepdims=True)
-                target = moments_lib.estimate_from_sums(replicas.sum(sums))
-            else:
-                target = moments_lib.average_estimates(target, group_axes)
+                sums = replicas.sum(sums)
+            target = moments_lib.estimate_from_sums(sums)
             target = moments_lib.Estimate(*(self._per_channel(v) for v in target))
             return target, None, observed  # renorm, which needs the biased variance, is refused
         if group_axes:

@@ -281,34 +281,14 @@ def estimate(moments: Moments, unbiased: bool) -> Estimate:
     return Estimate(mean, variance, mean_ok, variance_ok, count)
 
 
-def average_estimates(estimates: Estimate, axes) -> Estimate:
-    """The average of per-group estimates over the groups on ``axes`` (ghost batches, devices),
-    each group counted where it is usable: a ghost batch whose values are all masked adds
-    nothing. ``count`` becomes the values behind the usable groups' means."""
+def estimate_sums(estimates: Estimate, axes=()):
+    """``[5, ...]`` sums over the groups on ``axes`` (ghost batches, devices) from which
+    :func:`estimate_from_sums` gives their average; added over replicas first, the average
+    over every replica's groups. Each group counts where it is usable: a ghost batch whose
+    values are all masked adds nothing."""
     mean_ok = ops.cast(estimates.mean_ok, estimates.mean.dtype)
     var_ok = ops.cast(estimates.variance_ok, estimates.mean.dtype)
-    groups_m = ops.sum(mean_ok, axis=axes, keepdims=True)
-    groups_v = ops.sum(var_ok, axis=axes, keepdims=True)
-    mean = ops.sum(ops.where(estimates.mean_ok, estimates.mean, 0.0), axis=axes, keepdims=True)
-    variance = ops.sum(
-        ops.where(estimates.variance_ok, estimates.variance, 0.0), axis=axes, keepdims=True
-    )
-    count = ops.sum(ops.where(estimates.mean_ok, estimates.count, 0.0), axis=axes, keepdims=True)
-    return Estimate(
-        mean / ops.maximum(groups_m, 1.0),
-        variance / ops.maximum(groups_v, 1.0),
-        groups_m > 0,
-        groups_v > 0,
-        count,
-    )
-
-
-def estimate_sums(estimates: Estimate):
-    """``[5, ...]`` sums that, added over replicas, give :func:`average_estimates` over every
-    replica's groups (see :func:`estimate_from_sums`)."""
-    mean_ok = ops.cast(estimates.mean_ok, estimates.mean.dtype)
-    var_ok = ops.cast(estimates.variance_ok, estimates.mean.dtype)
-    return ops.stack(
+    sums = ops.stack(
         [
             ops.where(estimates.mean_ok, estimates.mean, 0.0),
             ops.where(estimates.variance_ok, estimates.variance, 0.0),
@@ -317,10 +297,12 @@ def estimate_sums(estimates: Estimate):
             ops.where(estimates.mean_ok, estimates.count, 0.0),
         ]
     )
+    return ops.sum(sums, axis=[a + 1 for a in axes], keepdims=True) if axes else sums
 
 
 def estimate_from_sums(sums) -> Estimate:
-    """The averaged :class:`Estimate` from :func:`estimate_sums` added over replicas."""
+    """The averaged :class:`Estimate` from :func:`estimate_sums`; ``count`` is the values
+    behind the usable groups' means."""
     mean, variance, groups_m, groups_v, count = (sums[i] for i in range(5))
     return Estimate(
         mean / ops.maximum(groups_m, 1.0),
