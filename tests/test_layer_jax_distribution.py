@@ -80,15 +80,22 @@ for shape, masked in (((16, 3), False), ((8, 5, 3), True), ((8, 2, 2, 3), False)
 
 # Ghost batches split inside each device's slice, as each TF replica groups its own batch.
 x = rng.normal(size=(16, 2)).astype("float32") * np.arange(1, 17)[:, None]
-layer = keras_bn.BatchNormalization(virtual_batch_size=2, center=False, scale=False)
-y = run(layer, x, np.zeros_like(x), None)[0]
+layer = keras_bn.BatchNormalization(virtual_batch_size=2, center=False, scale=False,
+                                    momentum=0.0)
+y, _, state, _ = run(layer, x, np.zeros_like(x), None)
 ref = np.zeros_like(x, np.float64)
+ghosts = []
 for d in range(D):
     block = x[4 * d: 4 * d + 4]
     for j in range(2):  # ghost batch j of the slice: examples j, j + 2
         g = block[j::2]
+        ghosts.append(g)
         ref[4 * d: 4 * d + 4][j::2] = (g - g.mean(0)) / np.sqrt(g.var(0) + 1e-3)
 results["ghost"] = float(np.abs(y - ref).max())
+# The moving statistics: the average over every device's ghost batches of each one's estimate.
+results["ghost_moving"] = float(max(
+    np.abs(state[0] - np.mean([g.mean(0) for g in ghosts], 0)).max(),
+    np.abs(state[1] - np.mean([g.var(0, ddof=1) for g in ghosts], 0)).max()))
 
 # model.fit: moving statistics replicated on every device, equal to the global update.
 x = np.concatenate([rng.normal(2.0 * d, 1.0 + d, (8, 3)) for d in range(D)]).astype("float32")
@@ -169,6 +176,7 @@ def test_collectives_per_layer(results):
 
 def test_ghost_batches_split_inside_each_device_slice(results):
     assert results["ghost"] < 1e-4
+    assert results["ghost_moving"] < 1e-3
 
 
 def test_model_parallel_mesh_normalizes_each_slice_of_its_batch_axis(results):
