@@ -11,12 +11,19 @@ job.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from keras_bn import moments as moments_lib
+from keras_bn import transform
 
-FUSED_PATHS = "PyTorch has no fused training transform in keras_bn yet"
+FUSED_PATHS = (
+    "PyTorch fuses feature axes that form one contiguous block, last or right after the batch "
+    "axis, without ghost batches"
+)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Replicas:
@@ -75,11 +82,57 @@ def synced_moments(x, axes, mask, replicas: Replicas):
 
 
 def fusable(feature_axes, rank, virtual_batch_size) -> bool:
-    return False
+    """Whether the native kernel can run for these axes (``layer.fused``)."""
+    layout = moments_lib.feature_layout(feature_axes, rank)
+    return layout is not None and virtual_batch_size is None
 
 
 def fused_plan(layer, inputs, mask, replicas, slices):
-    return None
+    """PyTorch's native batch-norm kernel (``torch.native_batch_norm``, forward and backward
+    in one pass each) where it computes the layer's transform: no mask, local statistics
+    (a rank's own; the moving statistics are still exchanged), float32 statistics, more than
+    one value per channel. Renorm's r and d come from one extra statistics pass."""
+    if (
+        not layer.fused
+        or mask is not None
+        or (replicas is not None and layer.synchronized)
+        or layer._statistics_dtype != "float32"
+        or inputs.dtype not in _DTYPES
+        or inputs.numel() <= math.prod(layer._param_shape)  # n <= 1: n/(n-1) undefined
+    ):
+        return None
+    return lambda: _native_training(layer, inputs)
+
+
+def _native_training(layer, inputs):
+    """``(outputs, moments, group axes)`` from the native kernel, on the input viewed as
+    ``[A, C]`` (features last) or ``[N, C, B]`` (features after the batch axis)."""
+    channels = math.prod(layer._param_shape)
+    x = inputs.float()  # float32 math for half inputs, as on every path
+    if layer._fused_layout == "NHWC":
+        view = x.reshape(-1, channels)
+    else:
+        view = x.reshape(x.shape[0], channels, -1)
+    ones = torch.ones(channels, device=x.device)
+    gamma = layer.gamma.value.reshape(channels) if layer.scale else ones
+    beta = layer.beta.value.reshape(channels) if layer.center else torch.zeros_like(ones)
+    if layer.renorm:
+        dims = [0] if view.dim() == 2 else [0, 2]
+        with torch.no_grad():
+            variance, mean = torch.var_mean(view, dim=dims, correction=0)
+        state = layer._renorm_state([channels])
+        correction = transform.renorm_correction(mean, variance, layer.epsilon, state)
+        gamma, beta = transform.corrected_params(gamma, beta, correction)
+    # With momentum 1 the kernel writes the batch's mean and n/(n-1)-corrected variance into
+    # the running buffers, from its own sums (1 / sqrt(var + epsilon), its third output, would
+    # lose digits when var << epsilon).
+    mean = torch.zeros(channels, device=x.device)
+    corrected = torch.ones(channels, device=x.device)
+    y, _, _ = torch.native_batch_norm(view, gamma, beta, mean, corrected, True, 1.0, layer.epsilon)
+    n = view.numel() // channels
+    variance = corrected * ((n - 1) / n)
+    count = torch.tensor(float(n), device=x.device)
+    return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
 
 
 def compiled(function):

@@ -244,8 +244,8 @@ def test_is_a_keras_batch_normalization_and_reports_fused():
     layer = keras_bn.BatchNormalization()
     assert isinstance(layer, keras.layers.BatchNormalization)
     layer.build((2, 3))
-    assert layer.fused is (BACKEND == "tensorflow")
-    if BACKEND != "tensorflow":
+    assert layer.fused is (BACKEND in ("tensorflow", "torch"))
+    if BACKEND == "jax":
         with pytest.raises(ValueError, match="fused=True"):
             keras_bn.BatchNormalization(fused=True).build((2, 3))
 
@@ -289,3 +289,23 @@ def test_float64_statistics_or_a_warning_where_the_backend_has_none():
     assert keras.backend.standardize_dtype(y.dtype) == dtype
     tolerance = 1e-3 if without else 1e-9
     np.testing.assert_allclose(_state(layer)[0], x.mean(0), rtol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,kwargs",
+    [
+        ((16, 5), -1, {}),
+        ((4, 3, 3, 6), -1, {"renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}}),
+        ((4, 6, 3, 3), 1, {"momentum": None}),
+    ],
+    ids=["dense", "nhwc_renorm", "nchw_cumulative"],
+)
+def test_the_fast_path_equals_the_plain_path(shape, axis, kwargs):
+    results = []
+    for fused in (None, False):
+        layer, x, dy, *_ = _setup(shape, axis, None, seed=4, fused=fused, **kwargs)
+        if "renorm" in kwargs:  # renorm's r and d away from 1 and 0
+            layer.renorm_stddev.assign(ops.full(layer.renorm_stddev.shape, 0.8))
+        results.append((*gradients(layer, x, dy), *_state(layer)))
+    for fast, plain in zip(*results):
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
