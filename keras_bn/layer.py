@@ -480,10 +480,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         x = ops.cast(inputs, self._statistics_dtype)
         shape = self._broadcast_shape
         gamma, beta = self._params(x.dtype, shape)
-        mean = self._statistic(self.moving_mean, shape)
-        variance = self._statistic(self.moving_variance, shape)
-        multiplier = transform.multiplier(variance, gamma, ops.cast(self.epsilon, x.dtype))
-        return transform.apply(x, mean, multiplier, beta)
+        multiplier, offset = transform.inference_affine(
+            self._statistic(self.moving_mean, shape),
+            self._statistic(self.moving_variance, shape),
+            gamma,
+            beta,
+            ops.cast(self.epsilon, x.dtype),
+        )
+        return x * multiplier + offset
 
     def _normalize_with_batch_statistics(self, inputs, mask):
         """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and

@@ -12,9 +12,12 @@ implementation of the transform (the plain TensorFlow ops in ``keras_bn.layer``,
 and the XLA formulation in ``keras_bn.fused``, local or across replicas) calls these functions and
 nothing else defines them. They are written with ``keras.ops`` and run on every backend.
 
-The outputs are computed as ``(x - mean) * m + beta'`` (:func:`apply`), never as ``x * m + c``
-with ``c = beta' - mean * m``: the second form cancels catastrophically when ``|mean| >> std``
-(on ``12000 +/- 0.5`` it loses three digits in float32), the first costs nothing more.
+Training outputs are computed as ``(x - mean) * m + beta'`` (:func:`apply`), never as
+``x * m + c`` with ``c = beta' - mean * m``: the second form cancels catastrophically when
+``|mean| >> std`` (on a batch of ``12000 +/- 0.5`` it loses three digits in float32), the first
+costs nothing more. Inference is the linear map ``x * m + c`` (:func:`inference_affine`), as in
+Keras and as :func:`keras_bn.fold_batch_norm` folds it, so converted and folded models agree
+with the original to the last bit where the arithmetic allows.
 
 The functions are pure and shape-agnostic: the statistics, gamma, beta and the renorm state only
 need to broadcast against one another (per-channel vectors, or the keepdims layout of the input).
@@ -49,6 +52,14 @@ def multiplier(variance, gamma, epsilon):
 def apply(x, mean, multiplier, beta):
     """``(x - mean) * m + beta``: the transform, in the form that keeps precision."""
     return (x - mean) * multiplier + beta
+
+
+def inference_affine(mean, variance, gamma, beta, epsilon):
+    """``(m, c)`` of the inference map ``x * m + c`` with population statistics: the linear
+    map Keras's layer and :func:`keras_bn.fold_batch_norm` compute, to the same rounding, so
+    a converted or folded model gives the same outputs as the original."""
+    m = multiplier(variance, gamma, epsilon)
+    return m, beta - mean * m
 
 
 def training_scale_and_offset(mean, variance, gamma, beta, epsilon, renorm: Renorm | None):
