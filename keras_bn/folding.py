@@ -20,7 +20,6 @@ import warnings
 import keras
 import numpy as np
 
-from keras_bn.layer import BatchNormalization
 from keras_bn.model_graph import fresh_inputs, is_graph_model, sublayers
 
 __all__ = ["AffineChannel", "fold_batch_norm"]
@@ -246,11 +245,12 @@ _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D) + _DEPTHWISE + _SEPARABLE
 _FOLDABLE = _CONV + (keras.layers.Dense,)
-_BN_CLASSES = (BatchNormalization, keras.layers.BatchNormalization)
+# keras_bn.BatchNormalization subclasses Keras's layer, so Keras's class finds both.
+_BN_CLASS = keras.layers.BatchNormalization
 
 
 def _is_bn(layer):
-    return isinstance(layer, _BN_CLASSES)
+    return isinstance(layer, _BN_CLASS)
 
 
 def _normalize_axes(axis, rank, arg_name):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -82,7 +83,10 @@ def test_applications_net_gives_the_same_inference_outputs(name):
     snapshot = _snapshot(model)
     converted = keras_bn.convert_model(model, synchronized=True)
 
-    assert not _bns(converted, L.BatchNormalization)
+    # Ours subclasses Keras's layer: every BN layer of the result must be exactly ours.
+    assert {type(bn) for bn in _bns(converted, L.BatchNormalization)} == {
+        keras_bn.BatchNormalization
+    }
     ours = _bns(converted, keras_bn.BatchNormalization)
     assert len(ours) == len(_bns(model, L.BatchNormalization)) > 40
     assert all(bn.synchronized for bn in ours)
@@ -173,6 +177,54 @@ def test_unbuilt_sequential_converts_and_builds_later():
     converted = keras_bn.convert_model(model)
     assert not converted.built and isinstance(converted.layers[1], keras_bn.BatchNormalization)
     assert converted(np.ones((2, 4), "float32")).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# The way back: to="keras"
+
+
+def test_way_back_keeps_structure_weights_and_outputs(tmp_path):
+    model = _nested_model()
+    x = np.random.default_rng(2).normal(2.0, 3.0, (5, 6, 6, 4)).astype("float32")
+    _make_bn_stats_nontrivial(model, x)
+    model.get_layer("inner").trainable = False
+    ours = keras_bn.convert_model(model, momentum=None)
+    ours(x, training=True)  # the counts move to 2 (the frozen inner model's stay at 1)
+    with pytest.warns(UserWarning, match="cannot carry") as caught:
+        back = keras_bn.convert_model(ours, to="keras", momentum=0.9)
+    (message,) = [str(w.message) for w in caught if w.category is UserWarning]
+    assert "momentum=None" not in message  # the override gives every layer a momentum
+    assert "- unbiased_variance=True (" in message and "all 4 converted layers" in message
+
+    bns = _bns(back, L.BatchNormalization)
+    assert len(bns) == 4 and {type(bn) for bn in bns} == {L.BatchNormalization}
+    assert {bn.momentum for bn in bns} == {0.9}
+    assert [layer.name for layer in back.layers] == [layer.name for layer in model.layers]
+    assert not back.get_layer("inner").trainable
+    shared = [layer for layer in back.layers if layer.name == "shared"]
+    assert len(shared) == 1 and len(shared[0]._inbound_nodes) == 2
+    for original, keras_layer in zip(_bns(ours, L.BatchNormalization), bns, strict=True):
+        ours_by_name = {w.name: w.numpy() for w in original.weights}
+        assert [w.name for w in keras_layer.weights] == [
+            w.name for w in original.weights if w.name != "moving_count"
+        ]
+        for w in keras_layer.weights:
+            np.testing.assert_array_equal(w.numpy(), ours_by_name[w.name])
+    assert _max_abs_difference(ours, back, x) <= 1e-6 * max(1.0, np.abs(back(x)).max())
+    back.save(tmp_path / "back.keras")
+    config = json.dumps(back.get_config())
+    assert "keras_bn" not in config and "unbiased_variance" not in config
+
+
+def test_way_back_of_keras_layers_is_a_copy_without_warning():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2), L.BatchNormalization(epsilon=0.1)])
+    _make_bn_stats_nontrivial(model, None, train=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        back = keras_bn.convert_model(model, to="keras")
+    assert type(back.layers[1]) is L.BatchNormalization and back.layers[1].epsilon == 0.1
+    x = np.random.default_rng(9).normal(size=(4, 3)).astype("float32")
+    np.testing.assert_array_equal(model(x), back(x))
 
 
 # --------------------------------------------------------------------------------------------
