@@ -52,9 +52,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
       and one backward, merged stably and weighted by each replica's real count.
     - Moving statistics stay identical on every replica or device, and equal the global
       batch's update, in both modes.
-    - ``axis`` may be a list of axes; on TensorFlow a fused training transform is used whenever
-      the feature axes are a contiguous block first or last and there is no mask, for any
-      rank, locally, across replicas, with renorm and (feature axes last) ghost batches.
+    - ``axis`` may be a list of axes. A fast training transform runs on every backend (see
+      ``fused``): on TensorFlow whenever the feature axes are a contiguous block first or last
+      and there is no mask, for any rank, locally, across replicas, with renorm and (feature
+      axes last) ghost batches.
 
     Data parallelism, backend by backend (the same meaning of ``synchronized`` everywhere):
 
@@ -129,9 +130,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             XLA formulation elsewhere and always inside an XLA-compiled step, where XLA would
             lower the kernel with ``E[x^2] - E[x]^2``); ``True`` FusedBatchNormV3 outside XLA
             (needs ``epsilon >= 1.001e-5``); ``False`` plain ops. Across replicas and for ghost
-            batches the fused path is the XLA formulation. JAX and PyTorch have no fused path
-            yet: ``fused=True`` there is a ValueError at build, as it is for feature axes no
-            fused path handles. After build, ``layer.fused`` says whether the (unmasked)
+            batches the fused path is the XLA formulation. On JAX the fast path is the
+            transform with a closed-form backward (a ``jax.custom_vjp``; any axes, masks and
+            renorm, not ghost batches); on PyTorch it is the native batch-norm kernel (feature
+            axes first or last, no mask, local statistics). ``fused=True`` where no fast path
+            can run is a ValueError at build. After build, ``layer.fused`` says whether the
             training transform runs fused, as tf-keras reports it. All paths give the same
             results to float rounding.
         virtual_batch_size: Optional positive int: ghost batch normalization (Hoffer et al.,

@@ -21,7 +21,7 @@ import keras
 from keras_bn import moments as moments_lib
 from keras_bn import transform
 
-FUSED_PATHS = "JAX has no fused training transform in keras_bn yet"
+FUSED_PATHS = "JAX's closed-form training transform does not run ghost batches"
 
 
 def replica_group():
@@ -55,37 +55,38 @@ def replicated(value):
 
 
 def fusable(feature_axes, rank, virtual_batch_size) -> bool:
-    return False
+    """The closed-form path takes any feature axes; ghost batches run plain ops."""
+    return virtual_batch_size is None
 
 
 def fused_plan(layer, inputs, mask, replicas, slices):
-    """``synchronized=True`` over a batch sharded on several devices: the transform with a
-    closed-form backward (:func:`_synced_training`), one collective forward and one backward.
-    Left to XLA's partitioner, the plain reductions take 2 forward and 4 backward."""
-    found = _batch_mesh()
-    if (
-        not layer.synchronized
-        or layer._fused_option is False
-        or layer.virtual_batch_size is not None
-        or found is None
-        or found[2] == 1
-    ):
+    """The transform with a closed-form backward (:func:`_closed_form_training`) for every
+    call but ghost batches and ``fused=False``: local statistics (each device slice's, no
+    collective either way) or, with ``synchronized=True`` over a batch sharded on several
+    devices, global ones with one collective forward and one backward (left to XLA's
+    partitioner, the plain reductions take 2 forward and 4 backward)."""
+    if not layer.fused or layer.virtual_batch_size is not None:
         return None
-    return functools.partial(_synced_training, layer, inputs, mask, found[2])
+    synced = layer.synchronized and device_slices() > 1
+    return functools.partial(
+        _closed_form_training, layer, inputs, mask, device_slices() if synced else slices, synced
+    )
 
 
-def _synced_training(layer, inputs, mask, slices):
-    """Alg. 1 over the global (sharded) batch: ``(outputs, moments, group axes)``.
+def _closed_form_training(layer, inputs, mask, slices, synced):
+    """Alg. 1 with the paper's chain rule as a ``jax.custom_vjp``: ``(outputs, moments, group
+    axes)``, on the batch viewed as ``slices`` device slices (:class:`keras_bn.moments.Groups`).
 
-    Forward: each device slice's (count, mean, M2) rows, gathered on every device in ONE
-    collective, merged exactly (Chan). Backward: each slice's sums of ``dy`` and
-    ``dy * x_hat``, gathered in ONE collective, then the paper's chain rule locally. With a mask,
-    masked entries are normalized but enter neither the statistics nor their gradient.
+    Forward: each slice's (count, mean, M2); with ``synced`` they are gathered on every device
+    in ONE collective and merged exactly (Chan), else each slice normalizes with its own.
+    Backward: each slice's sums of ``dy`` and ``dy * x_hat`` (gathered in ONE collective and
+    added when ``synced``), then ``dx`` elementwise. With a mask, masked entries are
+    normalized but enter neither the statistics nor their gradient.
     """
     dtype = layer._statistics_dtype
-    shape = layer._broadcast_shape
     groups = moments_lib.Groups(slices)
     axes = groups.axes(layer._reduction_axes)
+    shape = groups.shape(layer._broadcast_shape)
     gamma, beta = (
         jnp.broadcast_to(jnp.asarray(p, dtype), shape) for p in layer._params(dtype, shape)
     )
@@ -93,15 +94,13 @@ def _synced_training(layer, inputs, mask, slices):
     renorm_state = (renorm.mean, renorm.stddev) if renorm is not None else ()
     epsilon = jnp.asarray(layer.epsilon, dtype)
     masked = mask is not None
-    mask = mask if masked else jnp.zeros((), bool)
 
     def statistics(x, mask):
-        count, mean, m2 = moments_lib.rows(
-            groups.split(x), axes, groups.split(mask) if masked else None
-        )
+        count, mean, m2 = moments_lib.rows(x, axes, mask if masked else None)
+        if not synced:
+            return moments_lib.Moments(count, mean, m2 / jnp.maximum(count, 1.0))
         gathered = replicated(jnp.stack([count, mean, m2]))
-        merged = moments_lib.merge_rows(gathered[0], gathered[1], gathered[2], axis=0)
-        return moments_lib.Moments(*(v[0] for v in merged))
+        return moments_lib.merge_rows(gathered[0], gathered[1], gathered[2], axis=0)
 
     def correction(batch, renorm_state):
         if not renorm_state:
@@ -126,19 +125,21 @@ def _synced_training(layer, inputs, mask, slices):
         dy = cotangents[0]  # the statistics' cotangents: they only feed the moving averages
         inverse = jax.lax.rsqrt(batch.variance + epsilon)
         x_hat = (x - batch.mean) * inverse
-        split_dy, split_x_hat = groups.split(dy), groups.split(x_hat)
-        local = jnp.stack(
-            [
-                jnp.sum(split_dy, axis=axes, keepdims=True),
-                jnp.sum(split_dy * split_x_hat, axis=axes, keepdims=True),
-            ]
+        sums = jnp.stack(
+            [jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)]
         )
-        sum_dy, sum_dy_x_hat = jnp.sum(replicated(local), axis=1)
+        if synced:
+            sums = jnp.sum(replicated(sums), axis=1, keepdims=True)
+        sum_dy, sum_dy_x_hat = sums
         scale = transform.corrected_scale(gamma, r_d) * inverse
         inner = (sum_dy + x_hat * sum_dy_x_hat) / jnp.maximum(batch.count, 1.0)
         if masked:
             inner = jnp.where(mask, inner, 0.0)
         d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, r_d)
+        # Parameters are shared by every slice: their gradients add up.
+        d_gamma, d_beta = (
+            jnp.broadcast_to(jnp.sum(g, 0, keepdims=True), shape) for g in (d_gamma, d_beta)
+        )
         return (
             scale * (dy - inner),
             d_gamma,
@@ -148,9 +149,13 @@ def _synced_training(layer, inputs, mask, slices):
         )
 
     training.defvjp(lambda *args: forward(*args), backward)
-    x = jnp.asarray(inputs, dtype)
+    x = groups.split(jnp.asarray(inputs, dtype))
+    mask = groups.split(mask) if masked else jnp.zeros((), bool)
     y, count, mean, variance = training(x, gamma, beta, mask, renorm_state)
-    return y, moments_lib.Moments(count, mean, variance), []
+    batch = moments_lib.Moments(count, mean, variance)
+    if synced:
+        return groups.merge(y, inputs), moments_lib.Moments(*(v[0] for v in batch)), []
+    return groups.merge(y, inputs), batch, groups.group_axes()
 
 
 def compiled(function):
