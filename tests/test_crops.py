@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bn.train import crops
+from keras_bn.train.evaluation import crops
 
 CROP = 28  # the 144-crop sides become 32, 36, 40, 44: whole numbers, easy to check by hand.
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")

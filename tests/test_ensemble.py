@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bn.train import crops, ensemble
+from keras_bn.train.evaluation import crops, ensemble
 
 CROP = 14
 

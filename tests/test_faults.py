@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bn.train import checkpoints
-from keras_bn.train.__main__ import cli
+from keras_bn.train.cli.main import cli
+from keras_bn.train.rundir import checkpoints
 
 ARGS = [
     "--preset=mnist_bn",

@@ -1,5 +1,5 @@
-"""Tests of the Figure 1 experiment (keras_bn.train.figure1): a short real run, its outputs,
-determinism, the percentile recording and argument checking."""
+"""Tests of the Figure 1 experiment (keras_bn.train.experiments.figure1): a short real run, its
+outputs, determinism, the percentile recording and argument checking."""
 
 import csv
 import json
@@ -11,7 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from keras_bn.train import figure1, results  # noqa: E402
+from keras_bn.train.experiments import (
+    figure1,  # noqa: E402
+    results,
+)
 
 STEPS, EVAL_EVERY, EXAMPLES = 300, 100, 200
 SHORT = dict(steps=STEPS, eval_every=EVAL_EVERY, percentile_examples=EXAMPLES, verbose=0)
@@ -156,7 +159,7 @@ def test_failed_write_leaves_previous_outputs_untouched(run, tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    from keras_bn.train import figure1_plot
+    from keras_bn.train.experiments import figure1_plot
 
     monkeypatch.setattr(figure1_plot, "plot_figure1", broken)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -90,7 +90,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(wheel, tmp_path):
     check = f"""
 import importlib.util, os
 import keras_bn, keras_bn.models, keras_bn.train
-from keras_bn.train.mnist_files import load_mnist
+from keras_bn.train.data.mnist_files import load_mnist
 for module in (keras_bn, keras_bn.models, keras_bn.train):
     assert module.__file__.startswith({str(venv)!r}), module.__file__
 assert importlib.util.find_spec("models") is None, "top-level 'models' leaked"

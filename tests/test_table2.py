@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from keras_bn.train import crops, ensemble, presets, results, table2
-from keras_bn.train.__main__ import cli
-from keras_bn.train.evaluation import evaluate_runs, restore_run
+from keras_bn.train.cli.main import cli
+from keras_bn.train.config import presets
+from keras_bn.train.evaluation import crops, ensemble
+from keras_bn.train.evaluation.runs import evaluate_runs, restore_run
+from keras_bn.train.experiments import results, table2
 
 # The tiny experiment: every net a few steps, BN-x30 alone in the ensemble (the ensemble of
 # several runs is checked on two of the nets below), 1 crop. Each net is cut after its first

@@ -8,9 +8,9 @@ import sys
 import pytest
 from absl import flags as absl_flags
 
-from keras_bn.train import config as config_lib
-from keras_bn.train import flags as train_flags
-from keras_bn.train import presets
+from keras_bn.train.cli import flags as train_flags
+from keras_bn.train.config import presets
+from keras_bn.train.config import settings as config_lib
 
 
 def parse(*argv):
@@ -147,7 +147,7 @@ def test_imagenet_presets_follow_section_4_2():
 
 
 def test_mnist_presets_match_section_4_1_and_the_figure1_experiment():
-    from keras_bn.train import figure1
+    from keras_bn.train.experiments import figure1
 
     base, bn = config_lib.resolve("mnist_baseline", {}), config_lib.resolve("mnist_bn", {})
     for c in (base, bn):
@@ -217,9 +217,9 @@ def test_jit_compile_is_what_the_trainer_compiles_with(
 ):
     import tensorflow as tf
 
-    from keras_bn.train.data import make_data
-    from keras_bn.train.run_dir import RunDir
-    from keras_bn.train.trainer import Trainer
+    from keras_bn.train.data.pipeline import make_data
+    from keras_bn.train.engine.trainer import Trainer
+    from keras_bn.train.rundir.folder import RunDir
 
     config = config_lib.resolve(preset, {"model_dir": str(tmp_path), **explicit})
     trainer = Trainer(

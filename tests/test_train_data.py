@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_bn.train import config as config_lib
-from keras_bn.train import data as data_lib
-from keras_bn.train import preprocessing
-from keras_bn.train.mnist_files import expected_sha256, load_mnist
+from keras_bn.train.config import settings as config_lib
+from keras_bn.train.data import pipeline as data_lib
+from keras_bn.train.data import preprocessing
+from keras_bn.train.data.mnist_files import expected_sha256, load_mnist
 
 # The canonical MNIST files (uncompressed IDX), independent of the SHA256SUMS we ship.
 CANONICAL_SHA256 = {

@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_bn.train import config as config_lib
-from keras_bn.train import data as data_lib
-from keras_bn.train import trainer as trainer_lib
-from keras_bn.train.__main__ import cli
-from keras_bn.train.mnist_files import load_mnist
+from keras_bn.train.cli.main import cli
+from keras_bn.train.config import settings as config_lib
+from keras_bn.train.data import pipeline as data_lib
+from keras_bn.train.data.mnist_files import load_mnist
+from keras_bn.train.engine import trainer as trainer_lib
 
 MLP_ARGS = [
     "--preset=mnist_bn",

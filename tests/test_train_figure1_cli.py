@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from keras_bn.train import __main__ as main_module
-from keras_bn.train import figure1
-from keras_bn.train.__main__ import cli
-from keras_bn.train.experiment import FIGURE1_ARGUMENTS
+from keras_bn.train.cli import main as main_module
+from keras_bn.train.cli.main import cli
+from keras_bn.train.engine.run import FIGURE1_ARGUMENTS
+from keras_bn.train.experiments import figure1
 
 
 @pytest.fixture

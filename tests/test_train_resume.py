@@ -10,7 +10,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.train.__main__ import cli
+from keras_bn.train.cli.main import cli
 
 ARGS = [
     "--preset=mnist_bn",

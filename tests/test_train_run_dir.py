@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from keras_bn.train.run_dir import RunConflictError, RunDir, atomic_write_text
+from keras_bn.train.rundir.folder import RunConflictError, RunDir, atomic_write_text
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

@@ -1,7 +1,7 @@
 """The trainer's absl flags: one per `TrainConfig` setting, plus the flags that pick what to run.
 
-Every setting's flag is derived from its declaration in `keras_bn.train.config` (type, help,
-choices) and defaults to None in absl: its effective default comes from `--preset` (else the
+Every setting's flag is derived from its declaration in `keras_bn.train.config.settings` (type,
+help, choices) and defaults to None in absl: its effective default comes from `--preset` (else the
 setting's default), and only flags the user actually typed (`FLAGS[name].present`) override
 the preset.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import flags
 
-from keras_bn.train import config as config_lib
+from keras_bn.train.config import settings as config_lib
 
 FLAGS = flags.FLAGS
 

@@ -29,7 +29,7 @@ _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
 
 def mnist_dir() -> pathlib.Path:
     """Returns the folder that holds the packaged MNIST files."""
-    return pathlib.Path(str(importlib.resources.files("keras_bn.train") / "mnist"))
+    return pathlib.Path(str(importlib.resources.files("keras_bn.train.data") / "mnist"))
 
 
 def expected_sha256(directory: pathlib.Path | None = None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Ensemble evaluation (paper section 4.3): the mean of several models' class probabilities.
 
 The paper's ensemble "is based on the arithmetic averaging of class probabilities predicted by
-the constituent networks", each evaluated on the same multi-crop views (`keras_bn.train.crops`).
+the constituent networks", each evaluated on the same multi-crop views (`crops`).
 Every view's probabilities are averaged over the models, then over the views of an image:
 with equal view counts that is the mean over all (model, view) pairs, the same as averaging each
 model over the views first. So an ensemble is evaluated as one model (`mean_probability_fn`) by
@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import tensorflow as tf
 
-from keras_bn.train import crops, preprocessing
+from keras_bn.train.data import preprocessing
+from keras_bn.train.evaluation import crops
 
 
 def mean_probability_fn(

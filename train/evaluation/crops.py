@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 import keras
 import tensorflow as tf
 
-from keras_bn.train import preprocessing
+from keras_bn.train.data import preprocessing
 
 NUM_CROPS = (1, 10, 144)
 # GoogLeNet's sides for a 224 crop: 256 for 1 and 10 crops; the 4 scales of the 144-crop scheme.

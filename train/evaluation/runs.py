@@ -4,8 +4,8 @@
 writing nothing into the run's folder), takes the evaluation images its configuration names
 as raw pixels, and reports for each crop count the top-1 accuracy of every model and of the
 ensemble. The ensemble's prediction is the arithmetic mean of the models' class probabilities,
-each the mean over the views of `keras_bn.train.crops`: the mean over all (model, view) pairs,
-as `keras_bn.train.ensemble` defines it. Every model sees each view once; the single models and
+each the mean over the views of `crops`: the mean over all (model, view) pairs, as
+`ensemble` defines it. Every model sees each view once; the single models and
 the ensemble are read off the same probabilities.
 
 This is `keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b,runs/c
@@ -14,7 +14,7 @@ This is `keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b,runs/c
 Example:
 
 ```python
-from keras_bn.train.evaluation import evaluate_runs
+from keras_bn.train.evaluation.runs import evaluate_runs
 
 result = evaluate_runs(["runs/bn_x30", "runs/bn_x30_seed1"], num_crops=(1, 144))
 print(result["accuracy"]["144"]["ensemble"], result["accuracy"]["144"]["models"])
@@ -32,12 +32,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.train import checkpoints, crops
-from keras_bn.train import config as config_lib
-from keras_bn.train import data as data_lib
-from keras_bn.train import strategy as strategy_lib
-from keras_bn.train.run_dir import RunDir
-from keras_bn.train.trainer import Trainer
+from keras_bn.train.config import settings as config_lib
+from keras_bn.train.data import pipeline as data_lib
+from keras_bn.train.engine import strategy as strategy_lib
+from keras_bn.train.engine.trainer import Trainer
+from keras_bn.train.evaluation import crops
+from keras_bn.train.rundir import checkpoints
+from keras_bn.train.rundir.folder import RunDir
 
 
 def load_config(model_dir: str) -> config_lib.TrainConfig:

@@ -14,7 +14,7 @@ Sources (`--dataset`):
 
 Example:
 
->>> from keras_bn.train.config import resolve
+>>> from keras_bn.train.config.settings import resolve
 >>> data = make_data(resolve("mnist_bn", {}))
 >>> x, y = next(iter(data.train_dataset(start_step=0)))
 >>> x.shape, y.shape
@@ -30,8 +30,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.train import preprocessing
-from keras_bn.train.config import TrainConfig
+from keras_bn.train.config.settings import TrainConfig
+from keras_bn.train.data import preprocessing
 
 # Models fed flattened pixel vectors; every other zoo model takes images.
 FLAT_MODELS = ("mlp",)
@@ -114,7 +114,7 @@ class Data:
 
         Example:
 
-        >>> from keras_bn.train.config import resolve
+        >>> from keras_bn.train.config.settings import resolve
         >>> make_data(resolve("mnist_bn", {})).train_indices(start_step=999, num_steps=2).shape
         (2, 60)
         """
@@ -197,7 +197,7 @@ class Data:
     def raw_eval_batches(self, max_images: int | None = None):
         """The evaluation images as raw pixels with their labels, in evaluation order.
 
-        For views the model's preprocessing does not make (`keras_bn.train.evaluation`'s
+        For views the model's preprocessing does not make (`keras_bn.train.evaluation.runs`'s
         crops). Batches of `eval_batch_size` images; one image per batch where image sizes
         differ (TFDS). `max_images` (default: the images `eval_dataset` gives) in all.
         """
@@ -423,7 +423,7 @@ def _input_shape(config: TrainConfig, raw_shape: tuple, flat: bool) -> tuple:
 
 
 def _load_mnist(config: TrainConfig) -> tuple[DataSpec, _Source]:
-    from keras_bn.train.mnist_files import load_mnist
+    from keras_bn.train.data.mnist_files import load_mnist
 
     train = load_mnist("train")
     evaluation = load_mnist(config.eval_split or "test")

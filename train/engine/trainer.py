@@ -43,10 +43,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from keras_bn.train import checkpoints
-from keras_bn.train.config import TrainConfig
-from keras_bn.train.data import Data
-from keras_bn.train.run_dir import RunDir
+from keras_bn.train.config.settings import TrainConfig
+from keras_bn.train.data.pipeline import Data
+from keras_bn.train.rundir import checkpoints
+from keras_bn.train.rundir.folder import RunDir
 
 KEEP_CHECKPOINTS = 3
 # Strategies whose step runs on several replicas (collectives): batches come through tf.data.

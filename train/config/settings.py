@@ -1,7 +1,7 @@
 """Every training setting, written once: its field, default, help, choices and checks.
 
 `TrainConfig` is plain data (no TensorFlow). Each field is a `setting(...)`: the absl flags
-(`keras_bn.train.flags`), the defaults that presets override, the range checks of `validate`
+(`keras_bn.train.cli.flags`), the defaults that presets override, the range checks of `validate`
 and the fields a resumed run may change (`RESUMABLE_FIELDS`) are all read from these
 declarations, so adding a setting is one edit here. The resolved configuration is printed at
 start, saved as `config.json` in the model_dir and compared field by field on resume
@@ -22,8 +22,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from keras_bn.train import presets
-from keras_bn.train.run_dir import json_text
+from keras_bn.train.config import presets
+from keras_bn.train.rundir.folder import json_text
 
 # A range check: (predicate on a value that is not None, what the value must be).
 Check = tuple[Callable[[Any], bool], str]

@@ -1,6 +1,6 @@
 """The paper's training setups as data: one `Preset` per named configuration.
 
-A preset is a partial `keras_bn.train.config.TrainConfig`: the values it names replace the
+A preset is a partial `keras_bn.train.config.settings.TrainConfig`: the values it names replace the
 settings' defaults, and flags given explicitly on the command line replace both. Every value the
 paper does not state (sections 4.1 and 4.2) is listed in the preset's `assumptions`, so
 `--preset=bn_x30` prints exactly what was filled in and why.

@@ -3,12 +3,12 @@
 `train` does what a training run needs around `Trainer.train`: it checks everything that can
 fail before the model_dir is touched (strategy, batch split, data, model, writable outputs, the
 checkpoint to resume from), claims the model_dir, trains, then recomputes population statistics,
-exports and writes summary.json. `figure1` runs `keras_bn.train.figure1.run_figure1` in a run
+exports and writes summary.json. `figure1` runs `experiments.figure1.run_figure1` in a run
 directory of its own. Every failure is a `RunError` carrying the command line's exit status.
 
 Example:
 
->>> from keras_bn.train import config as config_lib
+>>> from keras_bn.train.config import settings as config_lib
 >>> try:
 ...     train(config_lib.resolve("mnist_bn", {}))
 ... except RunError as error:
@@ -30,13 +30,14 @@ import keras
 
 import keras_bn
 from keras_bn.population import recompute_population_statistics
-from keras_bn.train import checkpoints, presets
-from keras_bn.train import data as data_lib
-from keras_bn.train import export as export_lib
-from keras_bn.train import strategy as strategy_lib
-from keras_bn.train.config import TrainConfig
-from keras_bn.train.run_dir import RunDir, atomic_write_json, check_writable, json_text
-from keras_bn.train.trainer import Trainer, build_model
+from keras_bn.train.config import presets
+from keras_bn.train.config.settings import TrainConfig
+from keras_bn.train.data import pipeline as data_lib
+from keras_bn.train.engine import strategy as strategy_lib
+from keras_bn.train.engine.trainer import Trainer, build_model
+from keras_bn.train.evaluation import export as export_lib
+from keras_bn.train.rundir import checkpoints
+from keras_bn.train.rundir.folder import RunDir, atomic_write_json, check_writable, json_text
 
 PROG = "keras-bn-train"
 
@@ -50,7 +51,7 @@ FIGURE1_ARGUMENTS = {
     "binarize": "binarize",
     "verbose": "verbose",
 }
-# --experiment=table2 takes these flags (the fields of keras_bn.train.table2.Options).
+# --experiment=table2 takes these flags (the fields of keras_bn.train.experiments.table2.Options).
 TABLE2_ARGUMENTS = (
     "model_dir",
     "dataset",
@@ -88,7 +89,7 @@ def train(
     """One training run: prepare, train, finish.
 
     Args:
-        config: the resolved configuration (`keras_bn.train.config.resolve`).
+        config: the resolved configuration (`keras_bn.train.config.settings.resolve`).
         explicit: the settings given explicitly (marked in the printed configuration and
             recorded in config.json).
         cpu_replicas: split the CPU into this many logical devices first (`--cpu_replicas`).
@@ -271,7 +272,7 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
             `--experiment`) is refused.
 
     Returns:
-        What `keras_bn.train.figure1.run_figure1` returns.
+        What `keras_bn.train.experiments.figure1.run_figure1` returns.
 
     Raises:
         RunError: for a flag figure1 does not use, a folder holding another run, a failing
@@ -284,7 +285,7 @@ def figure1(model_dir: str | None, given: Mapping[str, Any]) -> dict:
         )
     kwargs = {FIGURE1_ARGUMENTS[n]: value for n, value in given.items() if n in FIGURE1_ARGUMENTS}
     try:
-        from keras_bn.train.figure1 import run_figure1
+        from keras_bn.train.experiments.figure1 import run_figure1
     except ImportError as error:
         raise RunError(f"--experiment=figure1 is not available ({error}).") from None
     identity = {"experiment": "figure1", "figure1_arguments": kwargs}
@@ -309,17 +310,17 @@ def table2(given: Mapping[str, Any]) -> dict:
 
     Args:
         given: flag name -> value for every flag given explicitly; the ones in
-            `TABLE2_ARGUMENTS` set `keras_bn.train.table2.Options`, any other (but
+            `TABLE2_ARGUMENTS` set `keras_bn.train.experiments.table2.Options`, any other (but
             `--experiment`) is refused.
 
     Returns:
-        What `keras_bn.train.table2.run_table2` returns.
+        What `keras_bn.train.experiments.table2.run_table2` returns.
 
     Raises:
         RunError: for a flag table2 does not use, a folder holding another experiment, a
             failing run, or Ctrl-C (status 130; the same command resumes).
     """
-    from keras_bn.train import table2 as table2_lib
+    from keras_bn.train.experiments import table2 as table2_lib
 
     _check_flags("table2", given, TABLE2_ARGUMENTS)
     if not given.get("model_dir"):
@@ -358,7 +359,7 @@ def evaluate(given: Mapping[str, Any]) -> dict:
     Raises:
         RunError: for a flag it does not use, or a folder that holds no trained run.
     """
-    from keras_bn.train.evaluation import evaluate_runs
+    from keras_bn.train.evaluation.runs import evaluate_runs
 
     _check_flags("evaluate", given, ("model_dir", "eval_crops", "verbose"))
     model_dirs = [d for d in str(given.get("model_dir") or "").split(",") if d]
@@ -385,8 +386,8 @@ def _as_run_errors(interrupted: str):
 
 
 def _crop_counts(values: Collection[str]) -> tuple[int, ...]:
-    """`--eval_crops` as ints, each one of `keras_bn.train.crops.NUM_CROPS`."""
-    from keras_bn.train.crops import NUM_CROPS
+    """`--eval_crops` as ints, each one of `keras_bn.train.evaluation.crops.NUM_CROPS`."""
+    from keras_bn.train.evaluation.crops import NUM_CROPS
 
     if not values or any(v.strip() not in {str(n) for n in NUM_CROPS} for v in values):
         raise RunError(f"--eval_crops takes 1, 10 or 144 (comma-separated), got {list(values)}.")

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.train.data import Data
+from keras_bn.train.data.pipeline import Data
 
 
 def serving_model(model: keras.Model, fold_bn: bool) -> keras.Model:

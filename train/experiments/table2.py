@@ -5,7 +5,7 @@ six nets of section 4.2.2 with their presets' recipes: Inception, BN-Baseline, B
 BN-x5-Sigmoid, and Inception-Sigmoid (Inception with sigmoid units, which the paper says never
 trains). Then two more BN-x30 runs with other seeds, and evaluates BN-x30 alone and the
 ensemble of the three on 1, 10 and 144 crops per image (section 4.3). Every net is trained by
-`keras_bn.train.experiment.train`, i.e. by the trainer exactly as `--preset=bn_x5` trains it:
+`keras_bn.train.engine.run.train`, i.e. by the trainer exactly as `--preset=bn_x5` trains it:
 an interrupted experiment resumes, net by net, from the checkpoints when run again.
 
 The miniature (the default; `docs/table2_summary.md` says why each choice): MNIST from the
@@ -24,7 +24,7 @@ crop and ensemble evaluation), `table2.json` and `table2.csv` (the curves); each
 Example:
 
 ```python
-from keras_bn.train.table2 import Options, run_table2
+from keras_bn.train.experiments.table2 import Options, run_table2
 
 result = run_table2(Options(model_dir="runs/table2"))
 print(result["nets"]["bn_x5"]["steps_to_inception_best"])
@@ -43,10 +43,11 @@ import pathlib
 import time
 from typing import Any
 
-from keras_bn.train import config as config_lib
-from keras_bn.train import evaluation, presets
-from keras_bn.train.results import environment, first_step_at
-from keras_bn.train.run_dir import RunDir, json_text, publish
+from keras_bn.train.config import presets
+from keras_bn.train.config import settings as config_lib
+from keras_bn.train.evaluation import runs as evaluation
+from keras_bn.train.experiments.results import environment, first_step_at
+from keras_bn.train.rundir.folder import RunDir, json_text, publish
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 MNIST_TRAIN_EXAMPLES = 60_000
@@ -317,7 +318,7 @@ def run_table2(options: Options) -> dict[str, Any]:
 
 
 def _run(options: Options) -> dict[str, Any]:
-    from keras_bn.train import experiment
+    from keras_bn.train.engine import run as experiment
 
     started = time.perf_counter()
     plan = runs(options)
@@ -489,7 +490,7 @@ def _member_configs(result) -> list[dict]:
 
 
 def _write_outputs(model_dir: pathlib.Path, result: dict[str, Any]) -> dict[str, str]:
-    from keras_bn.train.table2_plot import plot_figure2
+    from keras_bn.train.experiments.table2_plot import plot_figure2
 
     writers = {
         "figure2.png": lambda path: plot_figure2(result, path),

@@ -17,7 +17,7 @@ At the end the BN net's moving statistics are replaced by exact population stati
 (Alg. 2, over the last epoch of its own training batches) and its test accuracy is reported
 once more.
 
-Both nets are trained by the project's one training loop, `keras_bn.train.trainer.Trainer`
+Both nets are trained by the project's one training loop, `keras_bn.train.engine.trainer.Trainer`
 (presets `mnist_baseline` and `mnist_bn`, in-memory XLA path, one compiled call per
 `eval_every` steps); this module adds only what the figure records between evaluation blocks
 (`Trainer.train(on_evaluate=...)`), the curves, the summary and the plot.
@@ -30,7 +30,7 @@ curves), `summary.md` (final accuracies, wall time, settings).
 Example:
 
 ```python
-from keras_bn.train.figure1 import run_figure1
+from keras_bn.train.experiments.figure1 import run_figure1
 
 result = run_figure1("runs/figure1")
 print(result["baseline_test_accuracy"], result["bn_test_accuracy"], result["figure"])
@@ -53,8 +53,8 @@ import time
 
 import numpy as np
 
-from keras_bn.train.results import environment, first_step_at
-from keras_bn.train.run_dir import publish
+from keras_bn.train.experiments.results import environment, first_step_at
+from keras_bn.train.rundir.folder import publish
 
 # The percentiles of Figure 1(b, c), recorded at step 0 and after every `eval_every` steps.
 PERCENTILES = (15, 50, 85)
@@ -256,10 +256,10 @@ def _trainer(name, settings, model_dir, data=None):
     """
     import tensorflow as tf
 
-    from keras_bn.train import config as config_lib
-    from keras_bn.train import data as data_lib
-    from keras_bn.train.run_dir import RunDir
-    from keras_bn.train.trainer import Trainer
+    from keras_bn.train.config import settings as config_lib
+    from keras_bn.train.data import pipeline as data_lib
+    from keras_bn.train.engine.trainer import Trainer
+    from keras_bn.train.rundir.folder import RunDir
 
     s = settings
     config = config_lib.resolve(
@@ -429,7 +429,7 @@ def summary_markdown(curves):
             f"- Environment: Python {env['python']}, TensorFlow {env['tensorflow']}, Keras "
             f"{env['keras']}, {env['cpu_count']} CPUs ({env['machine']}).",
             "",
-            "Produced by `keras_bn.train.figure1.run_figure1` with "
+            "Produced by `keras_bn.train.experiments.figure1.run_figure1` with "
             + ", ".join(f"{k}={v!r}" for k, v in c.items())
             + ".",
             "",
@@ -439,7 +439,7 @@ def summary_markdown(curves):
 
 def _write_outputs(output_dir, curves, start):
     """Writes every output at once (`run_dir.publish`); returns run_figure1's output paths."""
-    from keras_bn.train.figure1_plot import plot_figure1
+    from keras_bn.train.experiments.figure1_plot import plot_figure1
 
     def write_json(path):  # the wall time includes the figure and the CSV, written first
         curves["wall_time_s"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Draws the paper's Figure 1 from the curves `keras_bn.train.figure1.run_figure1` records.
+"""Draws the paper's Figure 1 from the curves `figure1.run_figure1` records.
 
 Three panels, as in the paper: (a) test accuracy against training steps for both nets;
 (b) the 15th, 50th and 85th percentiles of one sigmoid input of the last hidden layer of the
@@ -11,7 +11,7 @@ Example:
 
 ```python
 import json
-from keras_bn.train.figure1_plot import plot_figure1
+from keras_bn.train.experiments.figure1_plot import plot_figure1
 
 plot_figure1(json.load(open("runs/figure1/figure1.json")), "figure1.png")
 ```

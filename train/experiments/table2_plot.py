@@ -1,4 +1,4 @@
-"""Draws Figure 2 of the paper from the curves `keras_bn.train.table2.run_table2` records.
+"""Draws Figure 2 of the paper from the curves `table2.run_table2` records.
 
 Validation accuracy against training steps for every net, with Inception's best accuracy as a
 dashed line and a dot where each net first reaches it (the steps Table 2 counts). matplotlib's
@@ -8,7 +8,7 @@ Example:
 
 ```python
 import json
-from keras_bn.train.table2_plot import plot_figure2
+from keras_bn.train.experiments.table2_plot import plot_figure2
 
 plot_figure2(json.load(open("runs/table2/table2.json")), "figure2.png")
 ```
