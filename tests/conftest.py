@@ -47,3 +47,21 @@ def free_port() -> int:
 @pytest.fixture
 def python_subprocess():
     return run_python
+
+
+def cli_error(capsys, argv, status: int = 2) -> str:
+    """Runs the trainer's command line in this process; returns its one error line.
+
+    The command must exit with `status` and end with exactly one `keras-bn-train: error:` line
+    on stderr, without a traceback.
+    """
+    from keras_bn.train.cli.main import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("keras-bn-train: error: ")]
+    assert exit_info.value.code == status, err[-3000:]
+    assert len(ours) == 1 and lines[-1] == ours[0] and "Traceback" not in err, err[-3000:]
+    return ours[0]

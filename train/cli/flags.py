@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import textwrap
 import types
 import typing
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from absl import flags
 
 from keras_bn.train.config import settings as config_lib
+from keras_bn.train.experiments.registry import EXPERIMENTS
 
 FLAGS = flags.FLAGS
 
@@ -69,12 +71,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_enum(
         "experiment",
         "none",
-        ["none", "figure1", "table2", "evaluate"],
-        "A complete experiment instead of one training run. 'figure1': the paper's Figure 1 "
-        "(MNIST baseline vs BN, 3 panels) written into --model_dir. 'table2': the six ImageNet "
-        "nets of section 4.2 (Figure 2, Table 2) and the crop/ensemble evaluation of section 4.3, "
-        "in miniature on MNIST unless --dataset=tfds:imagenet2012. 'evaluate': the trained "
-        "run(s) of --model_dir (comma-separated: an ensemble) on --eval_crops crops.",
+        ["none", *EXPERIMENTS],
+        "A complete experiment instead of one training run. "
+        + " ".join(f"'{name}': {entry.help}." for name, entry in EXPERIMENTS.items()),
         flag_values=flag_values,
     )
     flags.DEFINE_list(
@@ -109,8 +108,43 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     )
 
 
+# The groups of --help, in this order; every flag is in exactly one (a test checks).
+GROUPS = {
+    "run": ("experiment", "preset", "model_dir", "seed", "verbose"),
+    "model": ("model", "model_kwargs", "norm_layer", "weight_decay"),
+    "data": (
+        "dataset data_dir train_split eval_split binarize image_size num_classes augment "
+        "distortion shuffle_buffer"
+    ).split(),
+    "optimization": (
+        "batch_size train_steps learning_rate lr_decay_rate lr_decay_epochs momentum "
+        "eval_batch_size eval_every eval_steps checkpoint_every steps_per_loop"
+    ).split(),
+    "after training": ("population_stats", "export_dir", "fold_bn"),
+    "experiment": ("eval_crops", "ensemble_size"),
+    "distribution and hardware": ("strategy tpu mixed_precision jit_compile cpu_replicas".split()),
+}
+
+
+def grouped_help(flag_values: flags.FlagValues = FLAGS) -> str:
+    """The trainer's flags by group, each as absl shows it (`--name: help`)."""
+    sections = []
+    for group, names in GROUPS.items():
+        lines = [f"{group.capitalize()} flags:"]
+        for name in names:
+            flag = flag_values[name]
+            prefix = "--[no]" if flag.boolean else "--"
+            text = f"{prefix}{name}: {flag.help}"
+            lines.append(textwrap.fill(text, 100, initial_indent="  ", subsequent_indent="      "))
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+_WORDS = {"true": True, "false": False, "none": None}
+
+
 def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
-    """Parses `["key=value", ...]`; values are Python literals, else strings.
+    """Parses `["key=value", ...]`; values are Python literals (or true/false), else strings.
 
     Raises:
         ValueError: for an item without '='.
@@ -123,10 +157,11 @@ def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
                 f"--model_kwargs items must look like key=value, got {item!r} "
                 "(e.g. --model_kwargs=depth_multiplier=0.25,dropout_rate=0)."
             )
-        try:
-            value = ast.literal_eval(raw.strip())
+        raw = raw.strip()
+        try:  # `true`/`false` as a shell user types them, else Python literals
+            value = _WORDS.get(raw.lower()) if raw.lower() in _WORDS else ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw.strip()
+            value = raw
         result[key.strip()] = value
     return result
 

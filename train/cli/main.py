@@ -17,7 +17,7 @@ holding a different run, or an output folder that cannot be written, ends the pr
 status 2 and one line on stderr. Restarting a killed run with the same flags resumes it from its
 newest checkpoint that loads. Ctrl-C exits with status 130; under --strategy=multi_worker, a
 worker whose cluster lost a peer exits with status 75 (start every worker again to resume).
-TensorFlow's C++ log lines are not shown unless --verbose=2 or KERAS_BN_TF_LOGS=1.
+TensorFlow's C++ log lines are not shown unless KERAS_BN_TF_LOGS=1.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from absl import flags as absl_flags
 from keras_bn.train.cli import flags as train_flags
 from keras_bn.train.cli import quiet
 from keras_bn.train.config import settings as config_lib
-from keras_bn.train.engine import run as experiment
-from keras_bn.train.engine.run import PROG
+from keras_bn.train.engine import run as run_lib
+from keras_bn.train.experiments import registry
+from keras_bn.train.messages import PROG, RunError, error, say
 
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)
@@ -41,8 +42,7 @@ train_flags.define_flags(FLAGS)
 
 def fail(message: object, status: int = 2) -> NoReturn:
     """Exits with `status` after printing `message` as ONE line on stderr."""
-    text = " ".join(str(message).split())
-    print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
+    error(message)
     sys.exit(status)
 
 
@@ -62,15 +62,10 @@ def _dispatch() -> dict:
     started = time.perf_counter()
     try:
         given = {name: FLAGS[name].value for name in train_flags.present(FLAGS)}
-        if FLAGS.experiment == "figure1":
-            result = experiment.figure1(FLAGS.model_dir, given)
-            _report_figure1(result, time.perf_counter() - started)
-        elif FLAGS.experiment == "table2":
-            result = experiment.table2(given)
-            _report_table2(result)
-        elif FLAGS.experiment == "evaluate":
-            result = experiment.evaluate(given)
-            _report_crops(result)
+        if FLAGS.experiment in registry.EXPERIMENTS:
+            entry = registry.EXPERIMENTS[FLAGS.experiment]
+            result = entry.run(given)
+            say(entry.report(result, given, time.perf_counter() - started))
         else:
             experiment_only = [n for n in ("eval_crops", "ensemble_size") if n in given]
             if experiment_only:
@@ -83,61 +78,13 @@ def _dispatch() -> dict:
                 config = config_lib.resolve(FLAGS.preset, explicit)
             except ValueError as error:  # a setting out of range
                 fail(error)
-            result = experiment.train(config, list(explicit), FLAGS.cpu_replicas)
+            result = run_lib.train(config, list(explicit), FLAGS.cpu_replicas)
             _report_training(result)
-    except experiment.RunError as error:
+    except RunError as error:
         fail(error, error.status)
     except KeyboardInterrupt:  # before training started
         fail("interrupted before training started.", status=130)
     return result
-
-
-def _report_figure1(result: dict, seconds: float) -> None:
-    parts = [
-        f"baseline test accuracy {result['baseline_test_accuracy']:.4f}",
-        f"BN test accuracy {result['bn_test_accuracy']:.4f}",
-    ]
-    if result.get("bn_test_accuracy_population") is not None:
-        parts.append(f"BN with population stats {result['bn_test_accuracy_population']:.4f}")
-    print(
-        f"{PROG}: figure1 done in {seconds:.1f} s: {', '.join(parts)}; outputs in "
-        f"{FLAGS.model_dir} ({result.get('figure')})",
-        flush=True,
-    )
-
-
-def _report_table2(result: dict) -> None:
-    table = result["table"]
-    parts = [
-        f"{row['label']} best {row['best_accuracy']:.4f}"
-        + (
-            f", Inception's best at step {row['steps_to_inception_best']}"
-            if row["steps_to_inception_best"] is not None
-            else ", never at Inception's best"
-        )
-        for row in table.values()
-    ]
-    print(
-        f"{PROG}: table2 done in {result['wall_seconds'] / 60:.1f} min: "
-        + "; ".join(parts)
-        + f" - outputs in {FLAGS.model_dir} ({result['outputs']['figure2.png']}, "
-        f"{result['outputs']['summary.md']})",
-        flush=True,
-    )
-
-
-def _report_crops(result: dict) -> None:
-    parts = [
-        f"{n} crop(s) "
-        + "/".join(f"{a:.4f}" for a in accuracy["models"])
-        + (f", ensemble {accuracy['ensemble']:.4f}" if len(accuracy["models"]) > 1 else "")
-        for n, accuracy in result["accuracy"].items()
-    ]
-    print(
-        f"{PROG}: top-1 accuracy on {result['images']} images of "
-        f"{','.join(result['model_dirs'])}: " + "; ".join(parts),
-        flush=True,
-    )
 
 
 def _report_training(summary: dict) -> None:
@@ -145,7 +92,9 @@ def _report_training(summary: dict) -> None:
     parts = [
         f"{summary['model']} on {summary['dataset']}: {summary['steps']} steps"
         + (f" on {summary['replicas']} replicas" if summary["replicas"] > 1 else ""),
-        f"wall time {summary['wall_seconds']:.1f} s",
+        "already complete, nothing trained"
+        if summary.get("complete")
+        else f"wall time {summary['wall_seconds']:.1f} s",
     ]
     for key in ("eval_loss", "eval_accuracy", "eval_top5_accuracy"):
         if final.get(key) is not None:
@@ -159,7 +108,7 @@ def _report_training(summary: dict) -> None:
     outputs = f"outputs in {summary['model_dir']}"
     if "export_dir" in summary:
         outputs += f", SavedModel in {summary['export_dir']}"
-    print(f"{PROG}: done: " + " - ".join(parts) + f" - {outputs}", flush=True)
+    say(f"{PROG}: done: " + " - ".join(parts) + f" - {outputs}")
 
 
 def _quiet_logs() -> None:
@@ -201,9 +150,19 @@ def cli(argv: list[str]) -> dict:
     return _dispatch()
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort")
+
+
 def run() -> None:
     """Console-script entry point (`keras-bn-train`)."""
-    if not quiet.wanted(sys.argv[1:]):
+    args = sys.argv[1:]
+    if not args:  # nothing to do: say how to use it, as for a wrong flag
+        print(__doc__, file=sys.stderr)
+        fail("no flags given; see the examples above, or --help for every flag.")
+    if any(arg in _HELP for arg in args):  # ours: grouped, and exit status 0 (absl's is 1)
+        say(__doc__ + "\n" + train_flags.grouped_help(FLAGS))
+        sys.exit(0)
+    if not quiet.wanted():
         quiet.silence_native_stderr()
     # absl's --help prints the docstring of `__main__` and the key flags of the module named
     # sys.argv[0]: keras_bn/train/__main__.py or the generated console-script wrapper. Both

@@ -7,8 +7,8 @@ set before TensorFlow is loaded. The command line therefore points descriptor 2 
 and gives Python's `sys.stderr` a descriptor of its own on the terminal: every message of the
 trainer, Python warning and traceback still shows, TensorFlow's C++ lines do not.
 
-Only the command line does this (never `cli()` or the library): `--verbose=2` or the
-environment variable `KERAS_BN_TF_LOGS=1` keeps TensorFlow's lines.
+Only the command line does this (never `cli()` or the library): the environment variable
+`KERAS_BN_TF_LOGS=1` keeps TensorFlow's lines.
 """
 
 from __future__ import annotations

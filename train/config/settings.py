@@ -66,7 +66,7 @@ def setting(
 
 
 def _preset_help() -> str:
-    return "A configuration from the paper; flags given explicitly override it. " + "; ".join(
+    return "A configuration from the paper; flags given explicitly override it. " + " ".join(
         f"{p.name}: {p.description}" for p in presets.PRESETS.values()
     )
 
@@ -251,7 +251,8 @@ class TrainConfig:
     )
     verbose: int = setting(
         1,
-        "0: summary only, 1: progress bar, 2: one line per evaluation",
+        "0: the final line only; 1: a progress bar on a terminal, else a line per evaluation; "
+        "2: a line per evaluation (TensorFlow's C++ logs: KERAS_BN_TF_LOGS=1)",
         check=(lambda v: v in (0, 1, 2), "0, 1 or 2"),
         resumable=True,
     )
@@ -302,7 +303,8 @@ def resolve(preset: str | None, explicit: Mapping[str, Any]) -> TrainConfig:
     """Builds the configuration: the settings' defaults, then `preset`, then `explicit` values.
 
     Args:
-        preset: a name from `presets.names()`, or None for the defaults alone.
+        preset: a name from `presets.names()`, or None for the defaults alone (and, for an
+            Inception model, its recipe's optimization settings: `presets.model_defaults`).
         explicit: field -> value for the flags the user gave. `model_kwargs` is merged into the
             preset's (explicit keys win); every other value replaces the preset's.
 
@@ -313,7 +315,10 @@ def resolve(preset: str | None, explicit: Mapping[str, Any]) -> TrainConfig:
         ValueError: for an unknown preset or field, or a value out of range (the message names
             the flag and says how to fix it).
     """
-    values = dict(presets.get(preset).values) if preset is not None else {}
+    if preset is not None:
+        values = dict(presets.get(preset).values)
+    else:
+        values = presets.model_defaults(explicit.get("model"))
     unknown = set(explicit) - set(field_names())
     if unknown:
         raise ValueError(f"unknown configuration field(s) {sorted(unknown)}.")

@@ -23,12 +23,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
+from absl import logging as absl_logging
 
 from keras_bn.train.config.settings import TrainConfig
 from keras_bn.train.data import preprocessing
@@ -442,6 +445,16 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+@contextlib.contextmanager
+def _absl_warnings_off():
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
 def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
     import tensorflow_datasets as tfds
 
@@ -451,7 +464,8 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
         "tarballs in DIR/downloads/manual), then pass --data_dir=DIR"
     )
     try:
-        builder = tfds.builder(name, data_dir=config.data_dir)
+        with _absl_warnings_off():  # TFDS warns about a missing folder before it fails
+            builder = tfds.builder(name, data_dir=config.data_dir)
     except Exception as error:  # DatasetNotFoundError and friends: one line, no listing
         raise DatasetUnavailableError(
             f"--dataset={config.dataset}: {_first_line(error)}"
@@ -484,11 +498,15 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
         )
 
     try:
-        train = load(config.train_split, True)
-        evaluation = load(eval_split, False)
+        with _absl_warnings_off():
+            train = load(config.train_split, True)
+            evaluation = load(eval_split, False)
     except Exception as error:  # tfds raises AssertionError when the data is not there
+        # Not TFDS's own advice: it says to pass download=True, which this trainer never does.
+        where = config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise DatasetUnavailableError(
-            f"--dataset={config.dataset} is not available offline ({_first_line(error)}); {how_to}."
+            f"--dataset={config.dataset} is not available offline: it is not prepared in "
+            f"{where} ({type(error).__name__}); {how_to}."
         ) from error
     num_classes = config.num_classes or getattr(label_feature, "num_classes", None)
     if not num_classes:

@@ -11,6 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+
 import tensorflow as tf
 
 
@@ -51,7 +54,14 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     if name == "multi_worker":
         # First: collectives must be configured before anything initializes TensorFlow's
         # context (listing devices below would, and the strategy would then refuse to start).
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as error:  # gRPC could not listen: the port is taken
+            raise ValueError(
+                f"--strategy=multi_worker: cannot serve this worker's address {own_address()} "
+                f"from TF_CONFIG ({_first_line(error.message)}); is another process using "
+                "that port?"
+            ) from None
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     if name == "auto":
@@ -73,6 +83,21 @@ def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
             raise ValueError(f"--strategy=tpu: no TPU found ({error}).") from error
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--strategy must be auto|one_device|mirrored|multi_worker|tpu, got {name!r}.")
+
+
+def own_address() -> str:
+    """This task's address in TF_CONFIG (`cluster[task.type][task.index]`), or "unknown"."""
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG", ""))
+        task = tf_config["task"]
+        return str(tf_config["cluster"][task["type"]][int(task["index"])])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "unknown"
+
+
+def _first_line(message: str | None) -> str:
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    return lines[0] if lines else "no reason given"
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

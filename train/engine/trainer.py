@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import tempfile
 import time
 from typing import Any
@@ -45,6 +46,8 @@ from tensorflow.core.framework import summary_pb2
 
 from keras_bn.train.config.settings import TrainConfig
 from keras_bn.train.data.pipeline import Data
+from keras_bn.train.engine.model import build_model
+from keras_bn.train.messages import say
 from keras_bn.train.rundir import checkpoints
 from keras_bn.train.rundir.folder import RunDir
 
@@ -59,52 +62,14 @@ _REPLICATED = (
 _PRINTED = (
     "train_loss train_accuracy eval_loss eval_accuracy eval_top5_accuracy steps_per_sec".split()
 )
-# The progress bar's short names of the training metrics (verbose=1).
-_BAR = {
-    "train_loss": "loss",
-    "train_accuracy": "accuracy",
-    "learning_rate": "lr",
-    "steps_per_sec": "steps/s",
-}
+# The progress bar (verbose=1 on a terminal) shows the metrics under their metrics.jsonl names:
+# the loss and accuracy averaged over the bar (one evaluation interval), as there; these two as
+# their latest values.
+_BAR_LATEST = ["learning_rate", "steps_per_sec"]
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
     data_class=summary_pb2.DATA_CLASS_SCALAR,
 ).SerializeToString()
-
-
-def build_model(config: TrainConfig, spec) -> keras.Model:
-    """Builds `config.model` from the zoo for the data described by `spec`.
-
-    Raises:
-        ValueError: for an unknown model name or arguments its builder does not take.
-    """
-    from keras_bn import models
-
-    if config.model not in models.names():
-        raise ValueError(
-            f"unknown --model={config.model!r}; choose one of {', '.join(models.names())}."
-        )
-    kwargs: dict[str, Any] = {
-        "num_classes": spec.num_classes,
-        "input_shape": tuple(spec.input_shape),
-        "seed": config.seed,
-    }
-    kwargs.update(config.model_kwargs)
-    if config.weight_decay is not None:
-        kwargs["weight_decay"] = config.weight_decay
-    if config.norm_layer == "keras":
-        kwargs["norm_layer"] = keras.layers.BatchNormalization
-    elif config.norm_layer == "keras_bn":
-        import keras_bn
-
-        kwargs["norm_layer"] = keras_bn.BatchNormalization
-    try:
-        return models.get(config.model, **kwargs)
-    except TypeError as error:
-        raise ValueError(
-            f"--model={config.model} does not accept these arguments ({error}); "
-            "check --model_kwargs and --weight_decay."
-        ) from error
 
 
 def learning_rate_fn(config: TrainConfig, num_train_examples: int, step: tf.Variable):
@@ -191,6 +156,9 @@ class Trainer:
         self._eval_fn = None
         self._eval_dataset = None
         self._writers: dict[str, Any] = {}
+        self._bar = False  # a progress bar, a line per evaluation (`train` decides)
+        self._lines = config.verbose == 2
+        self._eta = _Eta(0, config.train_steps)
         self._summary_fns: dict[tuple, Any] = {}
         # Batches gathered from in-memory tensors inside one compiled loop per block of steps, or
         # read through tf.data: the same batches in the same order (Data.train_indices).
@@ -199,10 +167,9 @@ class Trainer:
             self.in_memory = self.in_memory and in_memory
         self.jit_compile = self.in_memory if config.jit_compile is None else config.jit_compile
         if data.in_memory and not self.in_memory and chief and config.verbose:
-            print(
+            say(
                 f"Reading batches through tf.data: the in-memory path runs without replication "
-                f"(default or one-device strategy), not under {type(strategy).__name__}.",
-                flush=True,
+                f"(default or one-device strategy), not under {type(strategy).__name__}."
             )
 
     # State --------------------------------------------------------------------------------
@@ -445,51 +412,20 @@ class Trainer:
             The metrics record of the final step.
         """
         c = self.config
-        start = self.current_step
-        checkpoints.check_not_past(start, c.train_steps, self.run_dir.path)
-        if self.chief:
-            self.run_dir.truncate_metrics(start)
-        record = next((r for r in self.run_dir.metrics() if r["step"] == start), None)
+        start = step = self.current_step
+        record = self._begin(start)
         t_start = time.perf_counter()
-        step = start
-        self._interval = _Interval(step)
-        if step < c.train_steps:
-            if self._train_fn is None:
-                self._train_fn = self._make_train_fn()
-            if not self.in_memory:
-                iterator = iter(
-                    self.strategy.experimental_distribute_dataset(
-                        self.data.train_dataset(start_step=start)
-                    )
-                )
+        run_chunk = self._chunk_runner(start) if step < c.train_steps else None
         progbar = None
         while step < c.train_steps:
-            if progbar is None and c.verbose == 1 and self.chief:  # one bar per cluster
-                target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
-                print(f"Steps {step}-{target} of {c.train_steps}")
-                progbar = keras.utils.Progbar(
-                    target - step, unit_name="step", stateful_metrics=list(_BAR.values())
-                )
+            if progbar is None and self._bar:  # one bar per evaluation interval
+                progbar = self._new_bar(step)
             chunk = min(c.steps_per_loop, self._next_boundary(step) - step)
-            chunk_start = time.perf_counter()
-            if self.in_memory:
-                totals = self._train_fn(tf.constant(self.data.train_indices(step, chunk)))
-            else:
-                totals = self._train_fn(iterator, tf.constant(chunk, tf.int64))
-            totals = totals.numpy()
-            rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
+            values = run_chunk(step, chunk)
             step += chunk
-            self._interval.totals += totals
-            values = {
-                "train_loss": float(totals[0] / totals[2]),
-                "train_accuracy": float(totals[1] / totals[2]),
-                "learning_rate": float(self.learning_rate()),
-                "steps_per_sec": rate,
-            }
             self._summaries("train", step, values)
             if progbar is not None:
-                bar_values = [(_BAR[key], value) for key, value in values.items()]
-                progbar.update(step - self._interval.start_step, bar_values)
+                progbar.update(step - self._interval.start_step, list(values.items()))
             if step % c.eval_every == 0 or step == c.train_steps:
                 record = self._evaluate_and_record(step, progbar, on_evaluate)
                 progbar = None
@@ -503,6 +439,55 @@ class Trainer:
             writer.flush()
         self.train_seconds = time.perf_counter() - t_start
         return record
+
+    def _begin(self, start: int) -> dict[str, Any] | None:
+        """Prepares a `train` call from `start`; returns the metrics record of `start`, if any."""
+        c = self.config
+        checkpoints.check_not_past(start, c.train_steps, self.run_dir.path)
+        if self.chief:
+            self.run_dir.truncate_metrics(start)
+        self._interval = _Interval(start)
+        # A progress bar redraws itself with control characters: only on a terminal. Elsewhere
+        # (a log file) verbose=1 prints verbose=2's line per evaluation.
+        self._bar = c.verbose == 1 and self.chief and sys.stdout.isatty()
+        self._lines = c.verbose == 2 or (c.verbose == 1 and self.chief and not self._bar)
+        self._eta = _Eta(start, c.train_steps)
+        return next((r for r in self.run_dir.metrics() if r["step"] == start), None)
+
+    def _chunk_runner(self, start: int):
+        """`run(step, chunk)`: trains `chunk` steps from `step`; returns their training metrics."""
+        if self._train_fn is None:
+            self._train_fn = self._make_train_fn()
+        if not self.in_memory:
+            iterator = iter(
+                self.strategy.experimental_distribute_dataset(
+                    self.data.train_dataset(start_step=start)
+                )
+            )
+
+        def run(step: int, chunk: int) -> dict[str, float]:
+            chunk_start = time.perf_counter()
+            if self.in_memory:
+                totals = self._train_fn(tf.constant(self.data.train_indices(step, chunk)))
+            else:
+                totals = self._train_fn(iterator, tf.constant(chunk, tf.int64))
+            totals = totals.numpy()
+            rate = chunk / max(time.perf_counter() - chunk_start, 1e-9)
+            self._interval.totals += totals
+            return {
+                "train_loss": float(totals[0] / totals[2]),
+                "train_accuracy": float(totals[1] / totals[2]),
+                "learning_rate": float(self.learning_rate()),
+                "steps_per_sec": rate,
+            }
+
+        return run
+
+    def _new_bar(self, step: int) -> keras.utils.Progbar:
+        c = self.config
+        target = min(c.train_steps, (step // c.eval_every + 1) * c.eval_every)
+        say(f"Steps {step}-{target} of {c.train_steps}{self._eta.text(step)}")
+        return keras.utils.Progbar(target - step, unit_name="step", stateful_metrics=_BAR_LATEST)
 
     def _next_boundary(self, step: int) -> int:
         """The next step at which to evaluate, checkpoint or stop."""
@@ -531,15 +516,30 @@ class Trainer:
         if progbar is not None:
             progbar.update(
                 step - self._interval.start_step,
-                [(k.replace("eval_", "val_"), v) for k, v in values.items()],
+                list(values.items()),
                 finalize=True,
             )
-        elif c.verbose == 2:
-            print(_format_record(record), flush=True)
+        elif self._lines:
+            say(_format_record(record) + self._eta.text(step))
         if self.chief:
             self.run_dir.append_metrics(record)
         self._interval = _Interval(step)
         return record
+
+
+class _Eta:
+    """The time left for the whole run, from the rate since this process started training."""
+
+    def __init__(self, start_step: int, train_steps: int):
+        self.start_step, self.train_steps = start_step, train_steps
+        self.started = time.perf_counter()
+
+    def text(self, step: int) -> str:
+        done, left = step - self.start_step, self.train_steps - step
+        if done <= 0 or left <= 0:
+            return ""
+        seconds = int(left * (time.perf_counter() - self.started) / done)
+        return f" - run ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class _Interval:

@@ -38,7 +38,7 @@ TensorShape([2, 10, 75, 75, 3])
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -270,81 +270,3 @@ def average_over_views(
     ]
     per_view = tf.reshape(tf.concat(outputs, axis=0), [shape[0], shape[1], -1])
     return tf.reduce_mean(per_view, axis=1)
-
-
-def top1_accuracy(
-    probabilities_of: Callable[[tf.Tensor], tf.Tensor],
-    batches: Iterable,
-    progress: Callable[[int], None] | None = None,
-) -> float:
-    """Fraction of images whose most probable class is the label.
-
-    Args:
-        probabilities_of: maps a batch of images to `(B, classes)` probabilities.
-        batches: iterable of `(images, labels)`, labels integer class ids of shape `(B,)`.
-        progress: called with the number of images done after each batch.
-
-    Raises:
-        ValueError: if `batches` holds no image.
-
-    Example:
-
-    >>> batches = [(tf.constant([[0.9, 0.1], [0.2, 0.8]]), tf.constant([0, 0]))]
-    >>> top1_accuracy(lambda x: x, batches)
-    0.5
-    """
-    correct = total = 0
-    for images, labels in batches:
-        predicted = tf.argmax(probabilities_of(images), axis=-1)
-        labels = tf.reshape(tf.cast(labels, predicted.dtype), [-1])
-        correct += int(tf.reduce_sum(tf.cast(predicted == labels, tf.int64)))
-        total += int(labels.shape[0])
-        if progress is not None:
-            progress(total)
-    if total == 0:
-        raise ValueError("`batches` holds no image to evaluate.")
-    return correct / total
-
-
-def crop_accuracy(
-    model,
-    batches: Iterable,
-    crop_size: int,
-    num_crops: int,
-    *,
-    from_logits: bool = True,
-    preprocess: Callable[[tf.Tensor], tf.Tensor] = preprocessing.scale_to_unit_range,
-    predict_batch_size: int = 256,
-    progress: Callable[[int], None] | None = None,
-) -> float:
-    """Top-1 accuracy of one model, its softmax averaged over `num_crops` views per image.
-
-    Args:
-        model: see `probability_fn`.
-        batches: iterable of `(images, labels)`; images as `crop_views` takes them.
-        crop_size: side of the model's square input.
-        num_crops: 1, 10 or 144.
-        from_logits: see `probability_fn`.
-        preprocess: see `average_over_views`.
-        predict_batch_size: see `average_over_views`.
-        progress: see `top1_accuracy`.
-
-    Reference:
-        Ioffe & Szegedy, 2015, section 4.3; Szegedy et al., 2014 (GoogLeNet), section 7.
-
-    Example:
-
-    >>> inputs = keras.Input((14, 14, 1))
-    >>> model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
-    >>> images = np.random.default_rng(0).integers(0, 256, (4, 16, 20), np.uint8)
-    >>> accuracy = crop_accuracy(model, [(images, [0, 1, 2, 0])], crop_size=14, num_crops=144)
-    >>> 0.0 <= accuracy <= 1.0
-    True
-    """
-    probabilities = probability_fn(model, from_logits)
-
-    def probabilities_of(images):
-        image_views = crop_views(images, crop_size, num_crops)
-        return average_over_views(probabilities, image_views, preprocess, predict_batch_size)
-
-    return top1_accuracy(probabilities_of, batches, progress)

@@ -3,10 +3,9 @@
 `evaluate_runs` restores each run's newest checkpoint that loads (the trainer's own restore,
 writing nothing into the run's folder), takes the evaluation images its configuration names
 as raw pixels, and reports for each crop count the top-1 accuracy of every model and of the
-ensemble. The ensemble's prediction is the arithmetic mean of the models' class probabilities,
-each the mean over the views of `crops`: the mean over all (model, view) pairs, as
-`ensemble` defines it. Every model sees each view once; the single models and
-the ensemble are read off the same probabilities.
+ensemble. The ensemble's prediction is the arithmetic mean of the models' class probabilities
+(`ensemble`), each the mean over the views of `crops`. Every model sees each view once; the
+single models and the ensemble are read off the same probabilities.
 
 This is `keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b,runs/c
 --eval_crops=1,10,144`, and the last step of `--experiment=table2`.
@@ -37,6 +36,7 @@ from keras_bn.train.data import pipeline as data_lib
 from keras_bn.train.engine import strategy as strategy_lib
 from keras_bn.train.engine.trainer import Trainer
 from keras_bn.train.evaluation import crops
+from keras_bn.train.messages import say
 from keras_bn.train.rundir import checkpoints
 from keras_bn.train.rundir.folder import RunDir
 
@@ -93,28 +93,66 @@ def restore_run(model_dir: str) -> Trainer:
 
 
 def view_probabilities(
-    trainer: Trainer,
+    model,
+    crop_size: int,
     batches,
     num_crops: int,
     progress: Callable[[int], None] | None = None,
+    whole: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each image's class probabilities, averaged over its `num_crops` views.
 
+    Args:
+        model: a `keras.Model` giving logits, or any callable `crops.probability_fn` takes.
+        crop_size: the side of the model's square input.
+        batches: `(raw images, labels)` pairs, as `Data.raw_eval_batches` gives them.
+        num_crops: 1, 10 or 144.
+        progress: called with the number of images done after each batch.
+        whole: instead of crops, the one view of a model that takes whole images (the MLP's
+            flat vectors): the run's own evaluation preprocessing (`Data.preprocess_batch`).
+
     Returns:
         `(probabilities (N, classes), labels (N,))`.
+
+    Raises:
+        ValueError: if `batches` holds no image.
     """
-    probability = crops.probability_fn(trainer.model)
-    crop_size = trainer.data.spec.input_shape[0]
+    probability = crops.probability_fn(model)
     make_views = tf.function(crops.crop_views, reduce_retracing=True)
     outputs, labels, done = [], [], 0
     for images, batch_labels in batches:
-        views = make_views(tf.convert_to_tensor(images), crop_size, num_crops)
-        outputs.append(crops.average_over_views(probability, views).numpy())
+        if whole is not None:
+            outputs.append(probability(whole(tf.convert_to_tensor(images))).numpy())
+        else:
+            views = make_views(tf.convert_to_tensor(images), crop_size, num_crops)
+            outputs.append(crops.average_over_views(probability, views).numpy())
         labels.append(np.reshape(np.asarray(batch_labels), [-1]))
         done += len(labels[-1])
         if progress is not None:
             progress(done)
+    if not done:
+        raise ValueError("there is no image to evaluate.")
     return np.concatenate(outputs), np.concatenate(labels)
+
+
+def ensemble(probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's class probabilities: the mean of its members' (section 4.3).
+
+    The paper averages probabilities, not logits. With each member already averaged over the
+    same views, this is the mean over all (member, view) pairs.
+
+    Raises:
+        ValueError: for no member, or members that disagree on the number of classes.
+    """
+    if not len(probabilities):
+        raise ValueError("an ensemble needs at least one model; received none.")
+    classes = sorted({np.shape(p)[-1] for p in probabilities})
+    if len(classes) != 1:
+        raise ValueError(
+            f"the ensemble's models predict different numbers of classes ({classes}); every "
+            "member must have the same output layer."
+        )
+    return np.mean(probabilities, axis=0)
 
 
 def top1(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -159,26 +197,35 @@ def evaluate_runs(
             f"the runs differ in input shape or classes ({sorted(shapes)}); an ensemble needs "
             "models of the same inputs and outputs."
         )
+    flat = first.data.spec.flat
+    if flat and tuple(num_crops) != (1,):
+        raise ValueError(
+            f"--eval_crops={','.join(map(str, num_crops))}: {first.config.model} takes whole "
+            "images as flat vectors, which have no crops; use --eval_crops=1."
+        )
     result: dict[str, Any] = {"model_dirs": list(model_dirs), "accuracy": {}}
     for n in num_crops:
         per_model, labels = [], None
         for model_dir, trainer in zip(model_dirs, trainers, strict=True):
             t0 = time.perf_counter()
             probabilities, labels = view_probabilities(
-                trainer, first.data.raw_eval_batches(max_images), n
+                trainer.model,
+                trainer.data.spec.input_shape[0],
+                first.data.raw_eval_batches(max_images),
+                n,
+                whole=trainer.data.preprocess_batch if flat else None,
             )
             per_model.append(probabilities)
             if verbose:
-                print(
+                say(
                     f"evaluate: {model_dir} (step {trainer.current_step}), {n} crop(s) on "
                     f"{len(labels)} images: top-1 {top1(probabilities, labels):.4f} "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
+                    f"({time.perf_counter() - t0:.0f} s)"
                 )
         result["images"] = len(labels)
         result["accuracy"][str(n)] = {
             "models": [top1(p, labels) for p in per_model],
-            "ensemble": top1(np.mean(per_model, axis=0), labels),
+            "ensemble": top1(ensemble(per_model), labels),
         }
     result["seconds"] = time.perf_counter() - started
     return result

@@ -43,6 +43,7 @@ Reference:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -54,6 +55,7 @@ import time
 import numpy as np
 
 from keras_bn.train.experiments.results import environment, first_step_at
+from keras_bn.train.messages import say
 from keras_bn.train.rundir.folder import publish
 
 # The percentiles of Figure 1(b, c), recorded at step 0 and after every `eval_every` steps.
@@ -90,6 +92,7 @@ def run_figure1(
     percentile_examples=1000,
     percentile_unit=0,
     population_statistics=True,
+    runs_dir=None,
 ):
     """Reproduces the paper's Figure 1 and writes the figure, curves and a summary.
 
@@ -115,6 +118,9 @@ def run_figure1(
         percentile_unit: int, which unit of the last hidden layer is the "typical sigmoid".
         population_statistics: bool; at the end also evaluate the BN net with exact
             population statistics (Alg. 2, `keras_bn.recompute_population_statistics`).
+        runs_dir: folder for the two nets' run folders (`baseline/`, `bn/`: checkpoints,
+            metrics): an interrupted call made again with the same arguments resumes each net
+            from its last checkpoint. None: a temporary folder, removed at the end.
 
     Returns:
         A dict with `"baseline_test_accuracy"`, `"bn_test_accuracy"` (final, moving averages),
@@ -127,16 +133,15 @@ def run_figure1(
         FloatingPointError: a net's training loss is not finite.
     """
     start = time.perf_counter()
-    arguments = {k: v for k, v in locals().items() if k not in ("output_dir", "start")}
+    arguments = {k: v for k, v in locals().items() if k not in ("output_dir", "start", "runs_dir")}
     settings = _validate(**arguments)
     output_dir = pathlib.Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"`output_dir` {str(output_dir)!r} exists and is not a folder.")
     if verbose:
-        print(
+        say(
             f"figure1: 2 nets x {steps} steps, batch {batch_size}, SGD lr {learning_rate}, "
-            f"init N(0, {init_stddev}^2), eval every {eval_every} steps on the test images",
-            flush=True,
+            f"init N(0, {init_stddev}^2), eval every {eval_every} steps on the test images"
         )
     curves = {
         "steps": list(range(0, steps + 1, eval_every)),
@@ -144,32 +149,46 @@ def run_figure1(
         "config": settings,
         "environment": environment(),
     }
-    # The trainer's checkpoints and logs are scaffolding here: only the figure's outputs stay.
-    with tempfile.TemporaryDirectory(prefix="keras-bn-figure1-") as scratch:
-        data = None
+    # Without `runs_dir` the nets' run folders are scaffolding: only the figure's outputs stay.
+    with contextlib.ExitStack() as stack:
+        if runs_dir is None:
+            runs_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="keras-bn-fig1-"))
         for name in NETS:
-            curves[name], data = _train_net(name, settings, pathlib.Path(scratch) / name, data)
+            curves[name] = _train_net(name, settings, pathlib.Path(runs_dir) / name)
     paths = _write_outputs(output_dir, curves, start)
 
     population = curves["bn"]["final_test_accuracy_population"]
-    result = {
+    result = _result(curves, paths)
+    return result
+
+
+def finished_result(output_dir):
+    """What `run_figure1` returned, read back from a folder holding its outputs; else None.
+
+    Returns:
+        The dict `run_figure1` returns, with `"complete": True`, or None if `figure1.json` is
+        missing.
+    """
+    output_dir = pathlib.Path(output_dir)
+    if not (output_dir / _OUTPUTS["json"]).is_file():
+        return None
+    curves = json.loads((output_dir / _OUTPUTS["json"]).read_text())
+    return {
+        **_result(curves, {k: str(output_dir / n) for k, n in _OUTPUTS.items()}),
+        "complete": True,
+    }
+
+
+def _result(curves, paths):
+    return {
         "baseline_test_accuracy": curves["baseline"]["final_test_accuracy"],
         "bn_test_accuracy": curves["bn"]["final_test_accuracy"],
-        "bn_test_accuracy_population": population,
+        "bn_test_accuracy_population": curves["bn"]["final_test_accuracy_population"],
         "wall_time_s": curves["wall_time_s"],
         "train_time_s": {name: curves[name]["train_time_s"] for name in NETS},
         "curves": curves,
         **paths,
     }
-    if verbose:
-        pop = "" if population is None else f" ({population:.4f} Alg. 2)"
-        print(
-            f"figure1: test accuracy baseline {result['baseline_test_accuracy']:.4f}, "
-            f"BN {result['bn_test_accuracy']:.4f}{pop}; wall time {result['wall_time_s']:.0f} s;"
-            f" wrote {', '.join(paths.values())}",
-            flush=True,
-        )
-    return result
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -249,20 +268,12 @@ def sigmoid_input_fn(model, x_fixed, unit):
     return sigmoid_input
 
 
-def _trainer(name, settings, model_dir, data=None):
-    """A Trainer for one net: the `mnist_<name>` preset with the figure's settings.
-
-    `data` (the other net's, built from the same data settings) saves reading MNIST again.
-    """
-    import tensorflow as tf
-
+def net_config(name, settings, model_dir):
+    """The `mnist_<name>` preset with the figure's settings: one training run per net."""
     from keras_bn.train.config import settings as config_lib
-    from keras_bn.train.data import pipeline as data_lib
-    from keras_bn.train.engine.trainer import Trainer
-    from keras_bn.train.rundir.folder import RunDir
 
     s = settings
-    config = config_lib.resolve(
+    return config_lib.resolve(
         f"mnist_{name}",
         {
             "model_dir": str(model_dir),
@@ -274,43 +285,55 @@ def _trainer(name, settings, model_dir, data=None):
             "train_steps": s["steps"],
             "eval_every": s["eval_every"],
             "steps_per_loop": s["eval_every"],  # one compiled call per evaluation block
-            "checkpoint_every": s["steps"],  # only the final one: nothing is resumed
             "eval_batch_size": 10000,  # the whole test set at once
             "verbose": 2 if s["verbose"] == 2 else 0,
         },
     )
-    data = data or data_lib.make_data(config)
-    return Trainer(config, tf.distribute.get_strategy(), data, RunDir(model_dir))
 
 
-def _train_net(name, settings, model_dir, data=None):
-    """Trains one net through the Trainer; returns its curves and the data it used."""
+def _train_net(name, settings, model_dir):
+    """Trains one net through the one training-run path (it resumes); returns its curves.
+
+    The sigmoid-input percentiles join the run's metrics records (step 0 included), so a resumed
+    run reads the whole curve back from its metrics.jsonl.
+    """
     import keras_bn
+    from keras_bn.train.engine import run as run_lib
 
-    trainer = _trainer(name, settings, model_dir, data)
-    data, steps, eval_every = trainer.data, settings["steps"], settings["eval_every"]
-    x_fixed = data.preprocess_batch(data.arrays("eval")[0][: settings["percentile_examples"]])
-    sigmoid_input = sigmoid_input_fn(trainer.model, x_fixed, settings["percentile_unit"])
-    started = time.perf_counter()
+    steps, eval_every = settings["steps"], settings["eval_every"]
     progress_every = max(1, steps // eval_every // 10) * eval_every
+    state = {}
 
     def record_percentiles(step, metrics):
-        values = percentiles(sigmoid_input().numpy())
+        values = percentiles(state["sigmoid_input"]().numpy())
         if settings["verbose"] == 1 and step and (step % progress_every == 0 or step == steps):
-            rate = step / (time.perf_counter() - started)
-            print(
+            rate = (step - state["start"]) / max(time.perf_counter() - state["started"], 1e-9)
+            say(
                 f"figure1 [{name:>8}] step {step}/{steps} test acc "
                 f"{metrics['eval_accuracy']:.4f} sigmoid input p15/50/85 "
                 + "/".join(f"{v:+.2f}" for v in values)
-                + f" | {rate:.0f} steps/s",
-                flush=True,
+                + f" | {rate:.0f} steps/s"
             )
         return {f"sigmoid_input_p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
 
-    records = [{"step": 0, **trainer.evaluate(), **record_percentiles(0, None)}]
-    trainer.train(on_evaluate=record_percentiles)
-    train_time = time.perf_counter() - started
-    records += trainer.run_dir.metrics()
+    def on_start(trainer):
+        data = trainer.data
+        x_fixed = data.preprocess_batch(data.arrays("eval")[0][: settings["percentile_examples"]])
+        state.update(
+            trainer=trainer,
+            sigmoid_input=sigmoid_input_fn(trainer.model, x_fixed, settings["percentile_unit"]),
+            start=trainer.current_step,
+            started=time.perf_counter(),
+        )
+        if not any(r["step"] == 0 for r in trainer.run_dir.metrics()):
+            trainer.run_dir.append_metrics(
+                {"step": 0, **trainer.evaluate(), **record_percentiles(0, None)}
+            )
+
+    config = net_config(name, settings, model_dir)
+    run_lib.train(config, list(config.to_dict()), on_evaluate=record_percentiles, on_start=on_start)
+    trainer = state["trainer"]
+    records = trainer.run_dir.metrics()
     steps_evaluated = [r["step"] for r in records]
     losses = [r.get("train_loss") for r in records]
     bad = next((i for i, v in enumerate(losses[1:], 1) if not math.isfinite(v)), None)
@@ -319,6 +342,13 @@ def _train_net(name, settings, model_dir, data=None):
             f"figure1: the {name} net's training loss is {losses[bad]} at step "
             f"{steps_evaluated[bad]}; lower `learning_rate` ({settings['learning_rate']})."
         )
+    # Each interval's time (training and its evaluation) from its record: also right after
+    # a resume.
+    train_time = sum(
+        (b["step"] - a["step"]) / b["steps_per_sec"]
+        for a, b in zip(records, records[1:])
+        if b.get("steps_per_sec")
+    )
     accuracies = [r["eval_accuracy"] for r in records]
     best = int(np.argmax(accuracies))
     curves = {
@@ -328,7 +358,7 @@ def _train_net(name, settings, model_dir, data=None):
             f"p{p}": [r[f"sigmoid_input_p{p}"] for r in records] for p in PERCENTILES
         },
         "train_time_s": train_time,
-        "steps_per_s": steps / train_time,
+        "steps_per_s": steps / train_time if train_time else 0.0,
         "final_test_accuracy": accuracies[-1],
         "best_test_accuracy": accuracies[best],
         "best_step": steps_evaluated[best],
@@ -341,6 +371,7 @@ def _train_net(name, settings, model_dir, data=None):
         curves["final_test_accuracy_population"] = None
         if settings["population_statistics"]:
             # Alg. 2 over the last epoch's worth of the net's own training batches.
+            data = trainer.data
             batches = min(steps, -(-data.spec.num_train_examples // settings["batch_size"]))
             keras_bn.recompute_population_statistics(
                 trainer.model,
@@ -349,7 +380,7 @@ def _train_net(name, settings, model_dir, data=None):
                 verbose=0,
             )
             curves["final_test_accuracy_population"] = trainer.evaluate()["eval_accuracy"]
-    return curves, data
+    return curves
 
 
 # -------------------------------------------------------------------------------- outputs

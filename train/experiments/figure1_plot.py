@@ -30,10 +30,10 @@ def _steps_formatter(value, _):
 
 
 def accuracy_ylim(steps, accuracies):
-    """y limits of panel (a): zoom on the part after the first 10% of training.
+    """y limits of panel (a)'s inset: zoom on the part after the first 10% of training.
 
     The first evaluations (near chance for a slowly starting baseline) would otherwise squash
-    the interesting part; they are drawn, just below the axis.
+    the part where the nets differ; the panel itself shows them.
 
     Args:
         steps: the evaluation steps.
@@ -72,12 +72,23 @@ def plot_figure1(curves, path, *, dpi=120):
     FigureCanvasAgg(fig)
     ax_a, ax_b, ax_c = fig.subplots(1, 3)
 
-    for name in ("bn", "baseline"):
-        ax_a.plot(steps, curves[name]["test_accuracy"], color=_COLORS[name], label=_LABELS[name])
-    ax_a.set_ylim(*accuracy_ylim(steps, [curves[n]["test_accuracy"] for n in _COLORS]))
+    # The whole curves on the panel, the late part (where the nets differ by a point) zoomed
+    # in an inset that carries the legend, so that nothing is drawn off the axes or covered.
+    accuracies = [curves[n]["test_accuracy"] for n in _COLORS]
+    zoom = ax_a.inset_axes([0.35, 0.08, 0.6, 0.55])
+    for ax in (ax_a, zoom):
+        for name in ("bn", "baseline"):
+            ax.plot(steps, curves[name]["test_accuracy"], color=_COLORS[name], label=_LABELS[name])
+    low = min(min(a) for a in accuracies)
+    ax_a.set_ylim(max(0.0, low - 0.02), 1.0)
+    zoom.set_ylim(*accuracy_ylim(steps, accuracies))
+    zoom.set_xlim(0.1 * steps[-1], steps[-1])
+    zoom.xaxis.set_major_formatter(FuncFormatter(_steps_formatter))
+    zoom.tick_params(labelsize="x-small")
+    zoom.grid(alpha=0.3)
+    zoom.legend(loc="lower right", fontsize="small")
     ax_a.set_title("(a) Test accuracy")
     ax_a.set_ylabel("test accuracy")
-    ax_a.legend(loc="lower right")
 
     unit = config.get("percentile_unit", 0)
     examples = config.get("percentile_examples")
@@ -90,7 +101,7 @@ def plot_figure1(curves, path, *, dpi=120):
         ax.plot(steps, p["p15"], color=color, linewidth=1, linestyle=":", label="15th pct")
         ax.set_title(f"({letter}) {_LABELS[name]}: sigmoid input, last hidden layer")
         ax.set_ylabel(f"input of hidden3 unit {unit}")
-        ax.legend(loc="upper left", fontsize="small")
+        ax.legend(loc="best", fontsize="small")  # where it covers the least of the curves
     values = np.concatenate(
         [curves[n]["sigmoid_input_percentiles"][k] for n in _COLORS for k in ("p15", "p85")]
     )

@@ -47,6 +47,7 @@ from keras_bn.train.config import presets
 from keras_bn.train.config import settings as config_lib
 from keras_bn.train.evaluation import runs as evaluation
 from keras_bn.train.experiments.results import environment, first_step_at
+from keras_bn.train.messages import say
 from keras_bn.train.rundir.folder import RunDir, json_text, publish
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -243,11 +244,10 @@ class _Progress:
                 if trained:
                     seconds = (time.perf_counter() - self.started) / trained
                     eta = f", ETA {_duration(seconds * (self.total - done))} of training"
-                print(
+                say(
                     f"table2 [{index}/{runs_count} {run.folder}] step {step}/{config.train_steps}"
                     f" accuracy {metrics['eval_accuracy']:.4f} (best {best:.4f}) | all nets "
-                    f"{done / self.total:.0%}{eta}",
-                    flush=True,
+                    f"{done / self.total:.0%}{eta}"
                 )
             return {}
 
@@ -325,13 +325,12 @@ def _run(options: Options) -> dict[str, Any]:
     configs = [net_config(options, run) for run in plan]
     pairs = list(zip(plan, configs, strict=True))
     if options.verbose:
-        print(
+        say(
             f"table2: {len(plan)} runs in {options.model_dir}; "
             f"{'miniature: mnist 75x75' if options.miniature else 'the paper size'}, k = "
             f"{options.time_factor:.3g} (Inception {options.inception_steps} steps); "
             + ", ".join(f"{r.folder} {c.train_steps}" for r, c in pairs)
-            + " steps",
-            flush=True,
+            + " steps"
         )
     progress = _Progress(configs, options.verbose)
     for index, (run, config) in enumerate(pairs, 1):
@@ -351,7 +350,7 @@ def _run(options: Options) -> dict[str, Any]:
     }
     members = [c.model_dir for r, c in pairs if r.net.key == ENSEMBLE_NET]
     if options.verbose:
-        print(f"table2: evaluating {ENSEMBLE_NET} on {options.eval_crops} crops.", flush=True)
+        say(f"table2: evaluating {ENSEMBLE_NET} on {options.eval_crops} crops.")
     result["crops"] = evaluation.evaluate_runs(
         members,
         options.eval_crops,

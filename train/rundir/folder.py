@@ -196,6 +196,13 @@ class RunDir:
             return None
         saved = json.loads(self.config_path.read_text())
         wanted = json.loads(json.dumps(dict(identity)))  # normalize tuples, ints vs floats
+        kind = saved.get("experiment")
+        if kind != wanted.get("experiment"):  # one line, not every field of the other kind
+            held = f"an --experiment={kind} folder" if kind else "a training run"
+            raise RunConflictError(
+                f"--model_dir={self.path} holds a run with different flags: it is {held}; use "
+                "a new --model_dir, or that run's own command to resume it."
+            )
         diffs = [
             f"{k}: {saved.get(k, '<unset>')!r} != {v!r}"
             for k, v in sorted(wanted.items())

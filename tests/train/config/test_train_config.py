@@ -23,15 +23,14 @@ def parse(*argv):
 # Flags -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        # The console script pip installs next to this interpreter.
-        [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")],
-        [sys.executable, "-m", "keras_bn.train"],
-    ],
-    ids=["console_script", "python_m"],
-)
+COMMANDS = {
+    # The console script pip installs next to this interpreter.
+    "console_script": [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")],
+    "python_m": [sys.executable, "-m", "keras_bn.train"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
 def test_help_shows_the_usage_and_every_trainer_flag(command):
     proc = subprocess.run(
         [*command, "--help"],
@@ -40,10 +39,26 @@ def test_help_shows_the_usage_and_every_trainer_flag(command):
         timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
-    # absl's --help exits with status 1 after printing the help.
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--experiment=figure1" in proc.stdout, proc.stderr[-3000:]  # the usage examples
     for name in parse():
         assert f"--{name}:" in proc.stdout or f"--[no]{name}:" in proc.stdout, name
+    headings = [line for line in proc.stdout.splitlines() if line.endswith(" flags:")]
+    assert headings == [f"{group.capitalize()} flags:" for group in train_flags.GROUPS]
+    assert "steps.; " not in proc.stdout  # the preset descriptions do not run together
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
+def test_bare_command_prints_the_usage_and_exits_2(command):
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--experiment=figure1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: no flags")
+
+
+def test_every_flag_is_in_exactly_one_help_group():
+    grouped = [name for names in train_flags.GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(parse()) and len(grouped) == len(set(grouped))
 
 
 def test_every_flag_has_help_and_config_flags_default_to_none():
@@ -232,3 +247,13 @@ def test_jit_compile_is_what_the_trainer_compiles_with(
     assert trainer.jit_compile is expected
     if trainer.in_memory:
         assert trainer._make_train_fn()._jit_compile is expected
+
+
+def test_a_model_without_preset_takes_its_recipes_optimization_settings():
+    config = config_lib.resolve(None, {"model": "bn_inception"})
+    assert (config.learning_rate, config.momentum, config.weight_decay) == (0.0075, 0.9, 4e-5)
+    assert (
+        config_lib.resolve(None, {"model": "bn_inception", "learning_rate": 0.1}).learning_rate
+        == 0.1
+    )
+    assert config_lib.resolve(None, {}).learning_rate == 0.5  # the MLP keeps the settings' own

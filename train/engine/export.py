@@ -17,6 +17,7 @@ served.signatures["serve"](images=tf.zeros([1, 28, 28], tf.uint8))["classes"]
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -77,6 +78,29 @@ def export_saved_model(model: keras.Model, data: Data, export_dir: str | os.Path
     os.replace(tmp, export_dir)
     shutil.rmtree(old, ignore_errors=True)
     return str(export_dir)
+
+
+def check_not_anothers(export_dir: str | os.PathLike, summary_path: pathlib.Path) -> None:
+    """Refuses an `export_dir` holding something but this run's own export (`--model_dir`'s rule).
+
+    Args:
+        export_dir: the `--export_dir`.
+        summary_path: the run's summary.json, which names its export once it is written.
+
+    Raises:
+        ValueError: if the folder is not empty and the run's summary names another export.
+    """
+    path = pathlib.Path(export_dir)
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    ours = None
+    if summary_path.is_file():
+        ours = json.loads(summary_path.read_text()).get("export_dir")
+    if ours is None or pathlib.Path(ours).resolve() != path.resolve():
+        raise ValueError(
+            f"--export_dir={export_dir} already holds something that is not this run's export; "
+            "choose a new or empty folder, or move that one away."
+        )
 
 
 def max_abs_difference(a: keras.Model, b: keras.Model, x: tf.Tensor) -> float:

@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +192,30 @@ def test_killed_worker_survivor_stops_and_restart_resumes_to_the_same_metrics(
     np.testing.assert_allclose(evals(model_dir), evals(uninterrupted), rtol=1e-6)
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 120 and summary["checkpoint"].endswith("ckpt-120")
+
+
+def test_a_port_that_cannot_be_bound_is_one_line_naming_the_address(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        workers = [address, f"127.0.0.1:{free_port()}"]
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "keras_bn.train",
+                *ARGS,
+                "--strategy=multi_worker",
+                f"--model_dir={tmp_path / 'run'}",
+            ],
+            env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("keras-bn-train: error: ") and address in line
+    assert not (tmp_path / "run").exists()

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import cli_error
 
 from keras_bn.train.cli.main import cli
 from keras_bn.train.config import settings as config_lib
 from keras_bn.train.data import pipeline as data_lib
 from keras_bn.train.data.mnist_files import load_mnist
+from keras_bn.train.engine import model as model_lib
 from keras_bn.train.engine import trainer as trainer_lib
 
 MLP_ARGS = [
@@ -42,15 +44,6 @@ LOAD_AND_SHOW = textwrap.dedent(
     saved_model_cli.main()
     """
 )
-
-
-def error_lines(capsys):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("keras-bn-train: error:")]
-    assert len(ours) == 1 and lines[-1] == ours[0], err
-    assert "Traceback" not in err
-    return ours[0]
 
 
 def tensorboard_tags(folder):
@@ -115,7 +108,7 @@ def test_exported_savedmodel_serves_raw_images_in_a_new_process(mlp_run, tmp_pat
     # The trained model (with BN, not folded), rebuilt from its last checkpoint here.
     config = config_lib.resolve("mnist_bn", {"model_dir": str(model_dir)})
     data = data_lib.make_data(config)
-    model = trainer_lib.build_model(config, data.spec)
+    model = model_lib.build_model(config, data.spec)
     tf.train.Checkpoint(model_variables=list(model.variables)).restore(
         tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     ).expect_partial()
@@ -148,19 +141,28 @@ def test_exported_savedmodel_serves_raw_images_in_a_new_process(mlp_run, tmp_pat
 def test_rerun_with_the_same_flags_resumes_and_other_flags_are_refused(mlp_run, capsys):
     model_dir, _, summary = mlp_run
     metrics = (model_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
     again = cli([*MLP_ARGS, f"--model_dir={model_dir}"])  # finished: nothing to train
     assert again["final"] == summary["final"]
+    assert "already complete, nothing trained" in capsys.readouterr().out
     assert (model_dir / "metrics.jsonl").read_text() == metrics
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli([*MLP_ARGS, "--learning_rate=0.1", f"--model_dir={model_dir}"])
-    assert exit_info.value.code == 2
-    line = error_lines(capsys)
+    line = cli_error(capsys, [*MLP_ARGS, "--learning_rate=0.1", f"--model_dir={model_dir}"])
     assert "different flags" in line and "learning_rate: 0.5 != 0.1" in line
-    with pytest.raises(SystemExit):
-        cli([*MLP_ARGS, "--train_steps=30", f"--model_dir={model_dir}"])
-    assert "already trained to step 60" in error_lines(capsys)
+    line = cli_error(capsys, [*MLP_ARGS, "--train_steps=30", f"--model_dir={model_dir}"])
+    assert "already trained to step 60" in line
     assert (model_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_an_export_of_another_run_is_refused(mlp_run, tmp_path, capsys):
+    _, export_dir, _ = mlp_run
+    before = (export_dir / "saved_model.pb").stat().st_mtime_ns
+    line = cli_error(
+        capsys, [*MLP_ARGS, f"--model_dir={tmp_path}/other", f"--export_dir={export_dir}"]
+    )
+    assert f"--export_dir={export_dir} already holds something that is not this run's" in line
+    assert (export_dir / "saved_model.pb").stat().st_mtime_ns == before
+    assert not (tmp_path / "other").exists()
 
 
 def test_bn_inception_on_mocked_imagenet_exports_a_raw_image_signature(tmp_path):
@@ -228,7 +230,12 @@ def test_mixed_precision_xla_and_population_stats(tmp_path, precision, jit):
         (["--dataset=tfds:mnist", "--data_dir={tmp}/no_tfds"], "not available offline"),
         (["--dataset=cifar"], "--dataset must be"),
         (["--batch_size=0"], "--batch_size must be positive"),
-        (["--model_kwargs=depth_multiplier=0.5"], "does not accept"),
+        (["--model_kwargs=depth_multiplier=0.5"], "--model=mlp takes no argument"),
+        (["--preset=mnist_bn", "--model_kwargs=batch_norm=Treu"], "takes True or False"),
+        (
+            ["--model=bn_inception", "--dataset=synthetic", "--model_kwargs=depth_multipler=0.5"],
+            "did you mean depth_multiplier?",
+        ),
         (["--population_stats=5", "--preset=mnist_baseline"], "--population_stats needs"),
         (["extra_positional"], "unexpected positional"),
     ],
@@ -236,10 +243,7 @@ def test_mixed_precision_xla_and_population_stats(tmp_path, precision, jit):
 def test_bad_flags_exit_2_with_one_line_and_no_model_dir(tmp_path, capsys, argv, reason):
     model_dir = tmp_path / "never" / "run"
     argv = [a.format(tmp=tmp_path) for a in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        cli([*argv, f"--model_dir={model_dir}", "--verbose=0"])
-    assert exit_info.value.code == 2
-    assert reason in error_lines(capsys)
+    assert reason in cli_error(capsys, [*argv, f"--model_dir={model_dir}", "--verbose=0"])
     assert not (tmp_path / "never").exists()
 
 
@@ -255,3 +259,22 @@ def test_learning_rate_decays_in_epochs_six_times_faster_for_bn_x30():
     assert lr_at("inception", int(steps_per_8_epochs) + 1) == pytest.approx(0.0015 * 0.96)
     assert lr_at("bn_x30", int(steps_per_8_epochs) + 1) == pytest.approx(0.045 * 0.96**6)
     assert lr_at("mnist_bn", 10**6) == pytest.approx(0.5)  # no decay
+
+
+def test_progress_into_a_file_is_clean_lines_with_the_run_eta(tmp_path, capsys):
+    cli([*MLP_ARGS, "--verbose=1", f"--model_dir={tmp_path}/run"])
+    out = capsys.readouterr().out  # captured: not a terminal
+    assert not any(c in out for c in "\x08\x1b\r"), repr(out[-500:])
+    assert "step 30 - train_loss" in out and "run ETA" in out
+
+
+def test_evaluate_works_on_an_mlp_run(mlp_run, capsys):
+    model_dir, _, summary = mlp_run
+    result = cli(["--experiment=evaluate", f"--model_dir={model_dir}"])
+    assert result["images"] == 10_000
+    accuracy = result["accuracy"]["1"]["models"][0]
+    assert accuracy == pytest.approx(summary["final"]["eval_accuracy"], abs=1e-3)
+    line = cli_error(
+        capsys, ["--experiment=evaluate", f"--model_dir={model_dir}", "--eval_crops=10"]
+    )
+    assert "mlp takes whole images as flat vectors" in line

@@ -158,7 +158,8 @@ def test_tfds_dataset_not_prepared_fails_fast_without_network(tmp_path):
         make("tfds:mnist", data_dir=str(tmp_path / "empty"))
     message = str(info.value)
     assert "not available offline" in message and "tfds build mnist" in message
-    assert "\n" not in message
+    assert f"not prepared in {tmp_path / 'empty'}" in message
+    assert "\n" not in message and "download=True" not in message  # TFDS's advice does not apply
     with pytest.raises(data_lib.DatasetUnavailableError, match="not found") as info:
         make("tfds:no_such_dataset_xyz", data_dir=str(tmp_path))
     assert "\n" not in str(info.value)

@@ -5,16 +5,17 @@ import csv
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from keras_bn.train.experiments import (
-    figure1,  # noqa: E402
-    results,
-)
+from keras_bn.train.experiments import figure1, results  # noqa: E402
 
 STEPS, EVAL_EVERY, EXAMPLES = 300, 100, 200
 SHORT = dict(steps=STEPS, eval_every=EVAL_EVERY, percentile_examples=EXAMPLES, verbose=0)
@@ -210,3 +211,54 @@ def test_output_dir_that_is_a_file_is_rejected(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="`output_dir`"):
         figure1.run_figure1(path, steps=100, eval_every=100)
+
+
+def _figure1_command(model_dir):
+    return [
+        sys.executable,
+        "-m",
+        "keras_bn.train",
+        "--experiment=figure1",
+        "--train_steps=2000",
+        "--eval_every=100",
+        "--seed=3",
+        "--verbose=0",
+        f"--model_dir={model_dir}",
+    ]
+
+
+def _curves(model_dir):
+    curves = json.loads((model_dir / "figure1.json").read_text())
+    timing = ("train_time_s", "steps_per_s")
+    return {n: {k: v for k, v in curves[n].items() if k not in timing} for n in figure1.NETS}
+
+
+def test_killed_figure1_resumes_to_the_uninterrupted_curves(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(_figure1_command(reference), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    process = subprocess.Popen(
+        _figure1_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    deadline = time.monotonic() + 300
+    try:  # killed in the middle of the second net, the first one finished
+        while not list((killed / "bn" / "checkpoints").glob("ckpt-*.index")):
+            assert process.poll() is None, "figure1 finished before the kill"
+            assert time.monotonic() < deadline, "no checkpoint of the BN net after 300 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert not (killed / "figure1.json").exists()
+
+    resumed = subprocess.run(_figure1_command(killed), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout
+    assert _curves(killed) == _curves(reference)
+
+    again = subprocess.run(_figure1_command(killed), capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stdout

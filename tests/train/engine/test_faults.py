@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import cli_error
 
 from keras_bn.train.cli.main import cli
 from keras_bn.train.rundir import checkpoints
@@ -122,12 +123,9 @@ def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(run, capsys):
     for name in ("ckpt-20.index", "ckpt-40.index"):
         truncate(run / "checkpoints" / name)
     files = sorted(p.name for p in run.rglob("*"))
-    with pytest.raises(SystemExit) as exit_info:
-        cli([*ARGS, "--train_steps=60", f"--model_dir={run}"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("keras-bn-train: error: no checkpoint in"), err
-    assert "skipped checkpoint ckpt-40" in err[0] and "skipped checkpoint ckpt-20" in err[0]
+    line = cli_error(capsys, [*ARGS, "--train_steps=60", f"--model_dir={run}"])
+    assert line.startswith("keras-bn-train: error: no checkpoint in")
+    assert "skipped checkpoint ckpt-40" in line and "skipped checkpoint ckpt-20" in line
     assert sorted(p.name for p in run.rglob("*")) == files  # never restarted from step 0
 
 
@@ -140,12 +138,9 @@ def test_checkpoint_that_does_not_read_back_stops_the_run_and_keeps_the_older_on
         "unreadable_reason",
         lambda prefix: "disk full (simulated)" if prefix.endswith("ckpt-60") else real(prefix),
     )
-    with pytest.raises(SystemExit) as exit_info:
-        cli([*ARGS, "--train_steps=80", f"--model_dir={run}"])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("keras-bn-train: error: the checkpoint just written"), err
-    assert "disk full (simulated)" in err[-1]
+    line = cli_error(capsys, [*ARGS, "--train_steps=80", f"--model_dir={run}"], status=1)
+    assert line.startswith("keras-bn-train: error: the checkpoint just written")
+    assert "disk full (simulated)" in line
     for name in ("ckpt-20", "ckpt-40"):
         assert real(str(run / "checkpoints" / name)) is None
 
@@ -157,19 +152,10 @@ def test_output_files_get_the_usual_permissions(trained):
         assert (trained / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def one_error_line(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
-    assert len(err) == 1 and err[0].startswith("keras-bn-train: error: "), err
-    return err[0]
-
-
 def test_unwritable_model_dir_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    line = one_error_line(capsys, [*ARGS, "--train_steps=20", f"--model_dir={blocker}/run"])
+    line = cli_error(capsys, [*ARGS, "--train_steps=20", f"--model_dir={blocker}/run"])
     assert f"--model_dir={blocker}/run cannot be created: {blocker} is not a directory" in line
 
 
@@ -177,7 +163,7 @@ def test_unwritable_export_dir_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     model_dir = tmp_path / "run"
-    line = one_error_line(
+    line = cli_error(
         capsys,
         [
             *ARGS,
@@ -191,7 +177,7 @@ def test_unwritable_export_dir_fails_before_training(tmp_path, capsys):
 
 
 def test_garbage_model_kwargs_is_a_one_line_flag_error(tmp_path, capsys):
-    line = one_error_line(capsys, [*ARGS, "--model_kwargs=garbage", f"--model_dir={tmp_path}/r"])
+    line = cli_error(capsys, [*ARGS, "--model_kwargs=garbage", f"--model_dir={tmp_path}/r"])
     assert "--model_kwargs items must look like key=value, got 'garbage'" in line
 
 
@@ -214,11 +200,11 @@ def test_figure1_ctrl_c_is_one_line_and_exit_130(tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while not (model_dir / "config.json").exists():  # the run has claimed its folder
+        # Into the training of the first net, once its first checkpoint is surely complete.
+        while len(list((model_dir / "baseline" / "checkpoints").glob("ckpt-*.index"))) < 2:
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(2)  # into the training of the first net
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
     finally:
@@ -227,8 +213,8 @@ def test_figure1_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     ours = [line for line in err.splitlines() if line.startswith("keras-bn-train:")]
     assert ours == [err.strip().splitlines()[-1]]
-    assert "running the same command again starts over" in ours[0]
-    assert not model_dir.exists()  # nothing half-written is left behind
+    assert "run the same command again to resume from the checkpoint of step" in ours[0]
+    assert list((model_dir / "baseline" / "checkpoints").glob("ckpt-*.index"))
     # TensorFlow's C++ log lines from after startup (e.g. cuInit's CUDA error) are not shown.
     assert "cuInit" not in err
 
@@ -253,8 +239,11 @@ def test_tensorflow_logs_only_when_asked(tmp_path):
         timeout=120,
         env={**ENV, "KERAS_BN_TF_LOGS": "1"},
     )
-    assert quiet.returncode == asked.returncode == 2
-    assert "cuInit" not in quiet.stderr
+    verbose = subprocess.run(
+        [*command, "--verbose=2"], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert quiet.returncode == asked.returncode == verbose.returncode == 2
+    assert "cuInit" not in quiet.stderr and "cuInit" not in verbose.stderr
     assert "cuInit" in asked.stderr
     # Nothing of TensorFlow's start-up either (printed while `import keras_bn` loads it).
     assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr

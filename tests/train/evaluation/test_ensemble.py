@@ -1,11 +1,12 @@
 """Ensemble evaluation: the arithmetic mean of the members' multi-crop class probabilities."""
 
+import crop_oracle
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bn.train.evaluation import crops, ensemble
+from keras_bn.train.evaluation import crops, runs
 
 CROP = 14
 
@@ -27,6 +28,12 @@ def constant_logits(logits):
     return lambda x: tf.tile(logits, [tf.shape(x)[0], 1])
 
 
+def ensemble_accuracy(models, batches, num_crops, **kwargs):
+    """The trainer's path: each member over the views, the ensemble, then top-1."""
+    per_model = [runs.view_probabilities(m, CROP, batches, num_crops, **kwargs) for m in models]
+    return runs.top1(runs.ensemble([p for p, _ in per_model]), per_model[0][1])
+
+
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
@@ -38,33 +45,21 @@ def data():
 @pytest.mark.parametrize("num_crops", [1, 10, 144])
 def test_one_model_ensemble_equals_the_model(data, num_crops):
     model = small_convnet(1)
-    fn = crops.probability_fn(model)
-    images = data[0][0]
-    alone = crops.average_over_views(fn, crops.crop_views(images, CROP, num_crops))
-    together = ensemble.ensemble_probabilities([fn], images, CROP, num_crops)
-    np.testing.assert_array_equal(together, alone)
-    assert ensemble.ensemble_accuracy([model], data, CROP, num_crops) == crops.crop_accuracy(
-        model, data, CROP, num_crops
+    alone, labels = runs.view_probabilities(model, CROP, data, num_crops)
+    np.testing.assert_array_equal(runs.ensemble([alone]), alone)
+    assert ensemble_accuracy([model], data, num_crops) == runs.top1(alone, labels)
+    assert ensemble_accuracy([model], data, num_crops) == crop_oracle.accuracy(
+        [model], data, CROP, num_crops
     )
 
 
 def test_members_are_averaged_over_their_views_then_over_models(data):
     models = [small_convnet(seed) for seed in (1, 2, 3)]
     images, labels = data[0]
-    # Oracle: each model on each view separately, softmax in NumPy, then plain means.
-    image_views = crops.crop_views(images, CROP, 10).numpy()
-    per_model = []
-    for model in models:
-        logits = np.stack(
-            [model(v * 2.0 - 1.0).numpy() for v in image_views.transpose(1, 0, 2, 3, 4)], 1
-        )
-        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-        per_model.append(probs.mean(axis=1))
-    expected = np.mean(per_model, axis=0)
-    fns = [crops.probability_fn(m) for m in models]
-    got = ensemble.ensemble_probabilities(fns, images, CROP, 10, predict_batch_size=9)
+    expected = np.mean([crop_oracle.view_probabilities(m, images, CROP, 10) for m in models], 0)
+    got = runs.ensemble([runs.view_probabilities(m, CROP, [data[0]], 10)[0] for m in models])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
-    accuracy = ensemble.ensemble_accuracy(models, [(images, labels)], CROP, 10)
+    accuracy = ensemble_accuracy(models, [(images, labels)], 10)
     assert accuracy == np.mean(expected.argmax(-1) == labels)
 
 
@@ -77,32 +72,30 @@ def test_probabilities_are_averaged_not_logits(data):
     ]
     images = data[0][0]
     ones = np.ones(len(images), np.int64)
-    assert ensemble.ensemble_accuracy(members, [(images, ones)], CROP, 1) == 1.0
-    probs = ensemble.ensemble_probabilities(
-        [crops.probability_fn(m) for m in members], images, CROP, 1
+    assert ensemble_accuracy(members, [(images, ones)], 1) == 1.0
+    probs = runs.ensemble(
+        [runs.view_probabilities(m, CROP, [(images, ones)], 1)[0] for m in members]
     )
     np.testing.assert_allclose(probs[0], [0.3650, 0.6350], atol=1e-4)
 
 
 def test_probability_outputs_are_not_softmaxed_again(data):
-    member = constant_logits([0.2, 0.5, 0.3])
-    probs = ensemble.ensemble_probabilities(
-        [crops.probability_fn(member, from_logits=False)], data[0][0], CROP, 10
-    )
+    member = crops.probability_fn(constant_logits([0.2, 0.5, 0.3]), from_logits=False)
+    probs = crops.average_over_views(member, crops.crop_views(data[0][0], CROP, 10))
     np.testing.assert_allclose(probs, np.tile([[0.2, 0.5, 0.3]], (4, 1)), rtol=1e-6)
 
 
 def test_progress_counts_images(data):
     seen = []
-    ensemble.ensemble_accuracy([constant_logits([1.0, 0.0])], data, CROP, 1, progress=seen.append)
+    ensemble_accuracy([constant_logits([1.0, 0.0])], data, 1, progress=seen.append)
     assert seen == [4, 6]
 
 
 def test_bad_ensembles_say_what_is_wrong(data):
     with pytest.raises(ValueError, match="at least one model"):
-        ensemble.ensemble_accuracy([], data, CROP, 1)
+        runs.ensemble([])
     members = [constant_logits([1.0, 0.0]), constant_logits([1.0, 0.0, 0.0])]
     with pytest.raises(ValueError, match="different numbers of classes"):
-        ensemble.ensemble_accuracy(members, data, CROP, 1)
+        ensemble_accuracy(members, data, 1)
     with pytest.raises(ValueError, match="no image"):
-        ensemble.ensemble_accuracy([constant_logits([1.0, 0.0])], [], CROP, 1)
+        ensemble_accuracy([constant_logits([1.0, 0.0])], [], 1)

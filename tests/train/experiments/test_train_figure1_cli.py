@@ -4,11 +4,12 @@ import inspect
 import json
 
 import pytest
+from conftest import cli_error
 
 from keras_bn.train.cli import main as main_module
 from keras_bn.train.cli.main import cli
-from keras_bn.train.engine.run import FIGURE1_ARGUMENTS
 from keras_bn.train.experiments import figure1
+from keras_bn.train.experiments.registry import FIGURE1_ARGUMENTS
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_only_explicit_flags_are_passed_through(tmp_path, calls, capsys):
             "--verbose=0",
         ]
     )
-    assert calls[0] == (f"{tmp_path}/fig", {})
+    assert calls[0] == (f"{tmp_path}/fig", {"runs_dir": f"{tmp_path}/fig"})
     assert calls[1] == (
         f"{tmp_path}/fig2",
         {
@@ -65,6 +66,7 @@ def test_only_explicit_flags_are_passed_through(tmp_path, calls, capsys):
             "batch_size": 30,
             "eval_every": 100,
             "verbose": 0,
+            "runs_dir": f"{tmp_path}/fig2",
         },
     )
     saved = json.loads((tmp_path / "fig2" / "config.json").read_text())
@@ -72,21 +74,18 @@ def test_only_explicit_flags_are_passed_through(tmp_path, calls, capsys):
 
 
 def test_flags_figure1_does_not_use_and_mixed_runs_are_refused(tmp_path, calls, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--experiment=figure1", f"--model_dir={tmp_path}/a", "--model=bn_inception"])
-    assert exit_info.value.code == 2
-    assert "does not use --model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli(["--experiment=figure1"])
-    assert "--model_dir is required" in capsys.readouterr().err
+    assert "does not use --model" in cli_error(
+        capsys, ["--experiment=figure1", f"--model_dir={tmp_path}/a", "--model=bn_inception"]
+    )
+    assert "--model_dir is required" in cli_error(capsys, ["--experiment=figure1"])
 
     cli(["--experiment=figure1", f"--model_dir={tmp_path}/b", "--train_steps=500"])
-    with pytest.raises(SystemExit):
-        cli(["--experiment=figure1", f"--model_dir={tmp_path}/b", "--train_steps=1000"])
-    assert "different flags" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a training run's directory is not a figure1 directory
-        cli(["--preset=mnist_bn", f"--model_dir={tmp_path}/b", "--train_steps=1"])
-    assert "different flags" in capsys.readouterr().err
+    assert "different flags" in cli_error(
+        capsys, ["--experiment=figure1", f"--model_dir={tmp_path}/b", "--train_steps=1000"]
+    )
+    # A figure1 folder is not a training run's, and says so in a few words.
+    line = cli_error(capsys, ["--preset=mnist_bn", f"--model_dir={tmp_path}/b", "--train_steps=1"])
+    assert "different flags: it is an --experiment=figure1 folder" in line and "!=" not in line
     assert len(calls) == 1 and not (tmp_path / "a").exists()
 
 
@@ -95,9 +94,8 @@ def test_failing_experiment_leaves_no_directory(tmp_path, monkeypatch, capsys):
         raise ValueError("`steps` must be a multiple of `eval_every`")
 
     monkeypatch.setattr(figure1, "run_figure1", bad)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--experiment=figure1", f"--model_dir={tmp_path}/c", "--train_steps=7"])
-    assert exit_info.value.code == 2
-    assert "multiple of" in capsys.readouterr().err
+    assert "multiple of" in cli_error(
+        capsys, ["--experiment=figure1", f"--model_dir={tmp_path}/c", "--train_steps=7"]
+    )
     assert not (tmp_path / "c").exists()
     assert main_module.PROG == "keras-bn-train"
