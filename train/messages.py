@@ -33,6 +33,11 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def usage(text: str) -> None:
+    """The usage text a command without flags prints before its error line, on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def warn(text: str) -> None:
     """A warning, prefixed with the program's name, on stderr."""
     print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from keras_bn.train.cli import quiet
 from keras_bn.train.config import settings as config_lib
 from keras_bn.train.engine import run as run_lib
 from keras_bn.train.experiments import registry
-from keras_bn.train.messages import PROG, RunError, error, say
+from keras_bn.train.messages import PROG, RunError, error, say, usage
 
 FLAGS = absl_flags.FLAGS
 train_flags.define_flags(FLAGS)
@@ -157,7 +157,7 @@ def run() -> None:
     """Console-script entry point (`keras-bn-train`)."""
     args = sys.argv[1:]
     if not args:  # nothing to do: say how to use it, as for a wrong flag
-        print(__doc__, file=sys.stderr)
+        usage(__doc__)
         fail("no flags given; see the examples above, or --help for every flag.")
     if any(arg in _HELP for arg in args):  # ours: grouped, and exit status 0 (absl's is 1)
         say(__doc__ + "\n" + train_flags.grouped_help(FLAGS))

@@ -17,10 +17,12 @@ At the end the BN net's moving statistics are replaced by exact population stati
 (Alg. 2, over the last epoch of its own training batches) and its test accuracy is reported
 once more.
 
-Both nets are trained by the project's one training loop, `keras_bn.train.engine.trainer.Trainer`
-(presets `mnist_baseline` and `mnist_bn`, in-memory XLA path, one compiled call per
-`eval_every` steps); this module adds only what the figure records between evaluation blocks
-(`Trainer.train(on_evaluate=...)`), the curves, the summary and the plot.
+Both nets are training runs like any other (`keras_bn.train.engine.run.train`, presets
+`mnist_baseline` and `mnist_bn`, one compiled call per `eval_every` steps), so they checkpoint
+and resume; this module adds only what the figure records at each evaluation (the percentiles
+join the run's metrics.jsonl, so a resumed net reads its whole curve back), the curves, the
+summary and the plot. Pass `runs_dir` to keep the nets' run folders (the command line keeps them
+in `--model_dir`); without it they live in a temporary folder and nothing can resume.
 
 Outputs in `output_dir` (each written to a temporary file first and renamed into place, and
 only after both nets have trained, so a failed run leaves no partial output):
@@ -54,6 +56,7 @@ import time
 
 import numpy as np
 
+from keras_bn.train.config import presets
 from keras_bn.train.experiments.results import environment, first_step_at
 from keras_bn.train.messages import say
 from keras_bn.train.rundir.folder import publish
@@ -64,8 +67,10 @@ PERCENTILES = (15, 50, 85)
 # random Gaussian" init (section 4.1; the paper states neither the optimizer nor the scale).
 # docs/figure1_summary.md has the sweep over both: BN ends above the baseline at every setting
 # tried, by 1.3-1.4 points at these.
-DEFAULT_LEARNING_RATE = 0.5
-DEFAULT_INIT_STDDEV = 0.01
+# The recipe is the presets' (`mnist_bn`, `mnist_baseline`), written there once.
+_RECIPE = presets.PRESETS["mnist_bn"].values
+DEFAULT_LEARNING_RATE = _RECIPE["learning_rate"]
+DEFAULT_INIT_STDDEV = _RECIPE["model_kwargs"]["init_stddev"]
 NETS = ("baseline", "bn")
 # "Trains faster": the first evaluated step at which the test accuracy reaches this.
 MILESTONE_ACCURACY = 0.95
@@ -81,12 +86,12 @@ _OUTPUTS = {
 def run_figure1(
     output_dir,
     *,
-    steps=50000,
-    batch_size=60,
-    eval_every=500,
+    steps=_RECIPE["train_steps"],
+    batch_size=_RECIPE["batch_size"],
+    eval_every=_RECIPE["eval_every"],
     learning_rate=DEFAULT_LEARNING_RATE,
     seed=0,
-    binarize=True,
+    binarize=_RECIPE["binarize"],
     verbose=1,
     init_stddev=DEFAULT_INIT_STDDEV,
     percentile_examples=1000,

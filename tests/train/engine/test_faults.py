@@ -274,3 +274,10 @@ def test_python_api_leaves_the_users_logging_alone(tmp_path):
     finally:
         tf_logger.setLevel(saved[0])
         absl_logging.set_verbosity(saved[1])
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_promise_a_resume():
+    from keras_bn.train.engine import run as run_lib
+
+    assert run_lib._interrupted(7, None).endswith("before the first checkpoint; nothing was kept.")
+    assert "resume from the checkpoint of step 20" in run_lib._interrupted(30, 20)

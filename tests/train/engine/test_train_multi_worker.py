@@ -33,6 +33,17 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 PEER_FAILURE_STATUS = 75
 
 
+def worker_command(model_dir):
+    return [
+        sys.executable,
+        "-m",
+        "keras_bn.train",
+        *ARGS,
+        "--strategy=multi_worker",
+        f"--model_dir={model_dir}",
+    ]
+
+
 class Cluster:
     """Two `keras-bn-train --strategy=multi_worker` processes, as a user would start them."""
 
@@ -49,14 +60,7 @@ class Cluster:
             self.outputs.append((out, err))
             self.processes.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "keras_bn.train",
-                        *ARGS,
-                        "--strategy=multi_worker",
-                        f"--model_dir={self.model_dir}",
-                    ],
+                    worker_command(self.model_dir),
                     env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
                     stdout=out,
                     stderr=err,
@@ -202,14 +206,7 @@ def test_a_port_that_cannot_be_bound_is_one_line_naming_the_address(tmp_path):
         workers = [address, f"127.0.0.1:{free_port()}"]
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "keras_bn.train",
-                *ARGS,
-                "--strategy=multi_worker",
-                f"--model_dir={tmp_path / 'run'}",
-            ],
+            worker_command(tmp_path / "run"),
             env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
             capture_output=True,
             text=True,

@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
+from conftest import kill_when
 
 from keras_bn.train.cli.main import cli
 
@@ -45,20 +45,10 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
     cli([*ARGS, f"--model_dir={reference}"])
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        trainer_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    status = kill_when(
+        trainer_command(killed), (killed / "checkpoints" / "checkpoint").exists, env=ENV
     )
-    deadline = time.monotonic() + 300
-    try:
-        while not (killed / "checkpoints" / "checkpoint").exists():
-            assert process.poll() is None, "the trainer exited before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    assert status == -signal.SIGKILL
     killed_at = int(tf.train.latest_checkpoint(str(killed / "checkpoints")).rsplit("-", 1)[1])
     assert 0 < killed_at < 600, "the kill came too late to test a resume"
 

@@ -5,15 +5,14 @@ import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import kill_when  # noqa: E402
 
 from keras_bn.train.experiments import figure1, results  # noqa: E402
 
@@ -239,19 +238,12 @@ def test_killed_figure1_resumes_to_the_uninterrupted_curves(tmp_path):
     done = subprocess.run(_figure1_command(reference), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    process = subprocess.Popen(
-        _figure1_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    # Killed in the middle of the second net, the first one finished.
+    kill_when(
+        _figure1_command(killed),
+        lambda: bool(list((killed / "bn" / "checkpoints").glob("ckpt-*.index"))),
+        env=env,
     )
-    deadline = time.monotonic() + 300
-    try:  # killed in the middle of the second net, the first one finished
-        while not list((killed / "bn" / "checkpoints").glob("ckpt-*.index")):
-            assert process.poll() is None, "figure1 finished before the kill"
-            assert time.monotonic() < deadline, "no checkpoint of the BN net after 300 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
     assert not (killed / "figure1.json").exists()
 
     resumed = subprocess.run(_figure1_command(killed), capture_output=True, text=True, env=env)
