@@ -1,14 +1,17 @@
-"""Running an experiment: one training run from a `TrainConfig`, or the paper's Figure 1.
+"""The one training-run path: every run, and every net of an experiment, goes through `train`.
 
-`train` does what a training run needs around `Trainer.train`: it checks everything that can
-fail before the model_dir is touched (strategy, batch split, data, model, writable outputs, the
-checkpoint to resume from), claims the model_dir, trains, then recomputes population statistics,
-exports and writes summary.json. `figure1` runs `experiments.figure1.run_figure1` in a run
-directory of its own. Every failure is a `RunError` carrying the command line's exit status.
+Why one path: checking, claiming the model_dir, resuming and finishing are where runs get lost,
+so they are written once. `train` checks everything that can fail before the model_dir is
+touched (strategy, batch split, data, model and its --model_kwargs, writable outputs, an export
+of another run, the checkpoint to resume from), returns a finished run's summary without
+training again, claims the model_dir, trains, then recomputes population statistics, exports
+and writes summary.json. An experiment hooks in with `on_start` and `on_evaluate`. Every
+failure is a `RunError` carrying the command line's exit status.
 
 Example:
 
 >>> from keras_bn.train.config import settings as config_lib
+>>> from keras_bn.train.messages import RunError
 >>> try:
 ...     train(config_lib.resolve("mnist_bn", {}))
 ... except RunError as error:
