@@ -39,6 +39,7 @@ def setting(
     choices: Sequence[Any] | None = None,
     check: Check | None = None,
     resumable: bool = False,
+    flag: str | None = None,
 ) -> Any:
     """Declares one `TrainConfig` field; everything about a setting is said here.
 
@@ -50,6 +51,7 @@ def setting(
         choices: the accepted values (an enum flag for strings).
         check: a range check, applied to values other than None.
         resumable: whether a resumed run may change it (it does not change the trajectory).
+        flag: for an experiment's option, the trainer flag that sets it (e.g. `train_steps`).
 
     Example:
 
@@ -58,7 +60,12 @@ def setting(
     (5, False)
     """
     metadata = dict(
-        help=help, default_help=default_help, choices=choices, check=check, resumable=resumable
+        help=help,
+        default_help=default_help,
+        choices=choices,
+        check=check,
+        resumable=resumable,
+        flag=flag,
     )
     if isinstance(default, dict):  # a fresh copy for every config
         return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)

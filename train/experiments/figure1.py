@@ -47,16 +47,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import pathlib
 import tempfile
 import time
+import typing
 
 import numpy as np
 
 from keras_bn.train.config import presets
+from keras_bn.train.config.settings import setting
 from keras_bn.train.experiments.results import environment, first_step_at
 from keras_bn.train.messages import say
 from keras_bn.train.rundir.folder import publish
@@ -83,20 +86,79 @@ _OUTPUTS = {
 }
 
 
+def _int(low, high=None):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    return (lambda v: _is_int(v) and low <= v and (high is None or v <= high), f"an int {bound}")
+
+
+def _is_int(value):
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+_POSITIVE_NUMBER = (
+    lambda v: (
+        isinstance(v, int | float | np.integer | np.floating)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and v > 0
+    ),
+    "a finite number > 0",
+)
+_BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `run_figure1` takes, declared like the trainer's settings (`config.settings`).
+
+    `flag` names the trainer flag that sets an option under `--experiment=figure1`; the defaults
+    are the `mnist_bn` preset's. `run_figure1`'s docstring says what each one means.
+    """
+
+    steps: int = setting(
+        _RECIPE["train_steps"], "SGD steps per net", check=_int(1), flag="train_steps"
+    )
+    batch_size: int = setting(
+        _RECIPE["batch_size"], "Examples per step", check=_int(2, 60000), flag="batch_size"
+    )
+    eval_every: int = setting(
+        _RECIPE["eval_every"], "Steps between evaluations", check=_int(1), flag="eval_every"
+    )
+    learning_rate: float = setting(
+        DEFAULT_LEARNING_RATE, "SGD learning rate", check=_POSITIVE_NUMBER, flag="learning_rate"
+    )
+    seed: int = setting(0, "Seed", check=_int(0, 2**31 - 1), flag="seed")
+    binarize: bool = setting(_RECIPE["binarize"], "Binary inputs", check=_BOOL, flag="binarize")
+    verbose: int = setting(
+        1,
+        "0, 1 or 2",
+        check=(lambda v: not isinstance(v, bool) and v in (0, 1, 2), "0, 1 or 2"),
+        flag="verbose",
+    )
+    init_stddev: float = setting(DEFAULT_INIT_STDDEV, "Init std", check=_POSITIVE_NUMBER)
+    percentile_examples: int = setting(1000, "Fixed batch size", check=_int(2, 10000))
+    # The hidden layers have 100 units.
+    percentile_unit: int = setting(0, "The typical sigmoid", check=_int(0, 99))
+    population_statistics: bool = setting(True, "Alg. 2 at the end", check=_BOOL)
+
+
+_DEFAULTS = Options()
+
+
 def run_figure1(
     output_dir,
     *,
-    steps=_RECIPE["train_steps"],
-    batch_size=_RECIPE["batch_size"],
-    eval_every=_RECIPE["eval_every"],
-    learning_rate=DEFAULT_LEARNING_RATE,
-    seed=0,
-    binarize=_RECIPE["binarize"],
-    verbose=1,
-    init_stddev=DEFAULT_INIT_STDDEV,
-    percentile_examples=1000,
-    percentile_unit=0,
-    population_statistics=True,
+    steps=_DEFAULTS.steps,
+    batch_size=_DEFAULTS.batch_size,
+    eval_every=_DEFAULTS.eval_every,
+    learning_rate=_DEFAULTS.learning_rate,
+    seed=_DEFAULTS.seed,
+    binarize=_DEFAULTS.binarize,
+    verbose=_DEFAULTS.verbose,
+    init_stddev=_DEFAULTS.init_stddev,
+    percentile_examples=_DEFAULTS.percentile_examples,
+    percentile_unit=_DEFAULTS.percentile_unit,
+    population_statistics=_DEFAULTS.population_statistics,
     runs_dir=None,
 ):
     """Reproduces the paper's Figure 1 and writes the figure, curves and a summary.
@@ -198,38 +260,15 @@ def _result(curves, paths):
 
 # ------------------------------------------------------------------------------ arguments
 
-_INT_RANGES = {
-    "steps": (1, None),
-    "eval_every": (1, None),
-    "batch_size": (2, 60000),
-    "seed": (0, 2**31 - 1),
-    "percentile_examples": (2, 10000),
-    "percentile_unit": (0, 99),  # the hidden layers have 100 units
-}
-
 
 def _validate(**kwargs):
     """Checks the arguments of `run_figure1` (a Python API: types too); returns them as JSON."""
-    config = dict(kwargs)
-    for name, (low, high) in _INT_RANGES.items():
-        value = kwargs[name]
-        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-        if not is_int or value < low or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"`{name}` must be an int {bound}; received {value!r}.")
-        config[name] = int(value)
-    for name in ("learning_rate", "init_stddev"):
-        value = kwargs[name]
-        number = isinstance(value, (int, float, np.integer, np.floating))
-        if isinstance(value, bool) or not number or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a finite number > 0; received {value!r}.")
-        config[name] = float(value)
-    for name in ("binarize", "population_statistics"):
-        if not isinstance(kwargs[name], (bool, np.bool_)):
-            raise ValueError(f"`{name}` must be a bool; received {kwargs[name]!r}.")
-        config[name] = bool(kwargs[name])
-    if kwargs["verbose"] not in (0, 1, 2) or isinstance(kwargs["verbose"], bool):
-        raise ValueError(f"`verbose` must be 0, 1 or 2; received {kwargs['verbose']!r}.")
+    config, types = {}, typing.get_type_hints(Options)
+    for field in dataclasses.fields(Options):
+        value, (ok, what) = kwargs[field.name], field.metadata["check"]
+        if not ok(value):
+            raise ValueError(f"`{field.name}` must be {what}; received {value!r}.")
+        config[field.name] = types[field.name](value)  # NumPy scalars become JSON's
     if config["steps"] % config["eval_every"]:
         fixed = max(1, config["steps"] // config["eval_every"]) * config["eval_every"]
         raise ValueError(

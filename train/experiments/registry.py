@@ -12,18 +12,16 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from keras_bn.train.experiments import figure1 as figure1_lib
 from keras_bn.train.messages import PROG, RunError
 from keras_bn.train.rundir.folder import RunDir, check_writable, json_text
 
-# --experiment=figure1 takes these flags (flag name -> run_figure1 argument).
+# --experiment=figure1 takes these flags (flag name -> run_figure1 argument), as its options
+# declare them.
 FIGURE1_ARGUMENTS = {
-    "train_steps": "steps",
-    "batch_size": "batch_size",
-    "eval_every": "eval_every",
-    "learning_rate": "learning_rate",
-    "seed": "seed",
-    "binarize": "binarize",
-    "verbose": "verbose",
+    f.metadata["flag"]: f.name
+    for f in dataclasses.fields(figure1_lib.Options)
+    if f.metadata["flag"]
 }
 # --experiment=table2 takes these flags (the fields of keras_bn.train.experiments.table2.Options).
 TABLE2_ARGUMENTS = (
@@ -64,8 +62,6 @@ def figure1(given: Mapping[str, Any]) -> dict:
             "--model_dir is required (the folder for figure1.png, the curves and the summary)."
         )
     kwargs = {FIGURE1_ARGUMENTS[n]: value for n, value in given.items() if n in FIGURE1_ARGUMENTS}
-    from keras_bn.train.experiments import figure1 as figure1_lib
-
     # What may differ on resume: how much is printed.
     identity = {
         "experiment": "figure1",
