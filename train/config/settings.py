@@ -342,13 +342,26 @@ def validate(config: TrainConfig) -> None:
     Raises:
         ValueError: naming the offending flag and the accepted values.
     """
-    for name, field in settings().items():
-        value, meta = getattr(config, name), field.metadata
-        if value is None:  # "not given": the default_help says what happens
+    check_fields(config)
+    if config.fold_bn and config.export_dir is None:
+        raise ValueError("--fold_bn needs --export_dir (it selects what is exported).")
+
+
+def check_fields(values: Any) -> None:
+    """Checks the choices and range of every `setting` field of a dataclass instance.
+
+    The trainer's `TrainConfig` and an experiment's options (e.g. table2's) are checked by
+    this one loop, from their declarations.
+
+    Raises:
+        ValueError: naming the offending flag and the accepted values.
+    """
+    for field in dataclasses.fields(values):
+        value, meta = getattr(values, field.name), field.metadata
+        if value is None or not meta:  # "not given": the default_help says what happens
             continue
+        name = field.name
         if meta["choices"] is not None and value not in meta["choices"]:
             raise ValueError(f"--{name} must be one of {'|'.join(meta['choices'])}, got {value!r}.")
         if meta["check"] is not None and not meta["check"][0](value):
             raise ValueError(f"--{name} must be {meta['check'][1]}, got {value!r}.")
-    if config.fold_bn and config.export_dir is None:
-        raise ValueError("--fold_bn needs --export_dir (it selects what is exported).")

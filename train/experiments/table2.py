@@ -45,6 +45,7 @@ from typing import Any
 
 from keras_bn.train.config import presets
 from keras_bn.train.config import settings as config_lib
+from keras_bn.train.config.settings import POSITIVE, setting
 from keras_bn.train.evaluation import runs as evaluation
 from keras_bn.train.experiments.results import environment, first_step_at
 from keras_bn.train.messages import say
@@ -125,16 +126,23 @@ class Options:
     """
 
     model_dir: str
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    train_steps: int | None = None
-    eval_every: int | None = None
-    eval_steps: int | None = None
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    ensemble_size: int = 3
-    eval_crops: tuple[int, ...] = (1, 10, 144)
-    verbose: int = 1
+    dataset: str = setting(
+        "mnist",
+        "The miniature or the paper's size",
+        check=(
+            lambda v: v == "mnist" or v.startswith("tfds:imagenet"),
+            "mnist (the miniature) or tfds:imagenet2012 (the paper's size) for --experiment=table2",
+        ),
+    )
+    data_dir: str | None = setting(None, "TFDS data directory")
+    train_steps: int | None = setting(None, "Inception's steps", check=POSITIVE)
+    eval_every: int | None = setting(None, "Steps between evaluations", check=POSITIVE)
+    eval_steps: int | None = setting(None, "Evaluation batches", check=POSITIVE)
+    model_kwargs: dict = setting({}, "Added to every net's builder arguments")
+    seed: int = setting(0, "The first seed")
+    ensemble_size: int = setting(3, "BN-x30 runs in the ensemble", check=(lambda v: v >= 1, ">= 1"))
+    eval_crops: tuple[int, ...] = setting((1, 10, 144), "Crop counts of the final evaluation")
+    verbose: int = setting(1, "0, 1 or 2")
 
     @property
     def miniature(self) -> bool:
@@ -152,18 +160,8 @@ class Options:
         return self.inception_steps / PAPER_INCEPTION_STEPS
 
     def check(self) -> None:
-        """Raises ValueError for settings the experiment cannot run."""
-        if not (self.miniature or self.dataset.startswith("tfds:imagenet")):
-            raise ValueError(
-                f"--experiment=table2 runs on mnist (the miniature) or tfds:imagenet2012 (the "
-                f"paper's size), not --dataset={self.dataset}."
-            )
-        if self.ensemble_size < 1:
-            raise ValueError(f"--ensemble_size must be >= 1, got {self.ensemble_size}.")
-        for name in ("train_steps", "eval_every", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be positive, got {value}.")
+        """Raises ValueError for settings the experiment cannot run (their declarations)."""
+        config_lib.check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
