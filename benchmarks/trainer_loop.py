@@ -26,10 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from keras_bn.train import config as config_lib  # noqa: E402
-from keras_bn.train import data as data_lib  # noqa: E402
-from keras_bn.train.run_dir import RunDir  # noqa: E402
-from keras_bn.train.trainer import Trainer  # noqa: E402
+from keras_bn.train.config import settings as config_lib  # noqa: E402
+from keras_bn.train.data import pipeline as data_lib  # noqa: E402
+from keras_bn.train.engine.trainer import Trainer  # noqa: E402
+from keras_bn.train.rundir.folder import RunDir  # noqa: E402
 
 
 def steps_per_second(steps: int, in_memory: bool) -> float:

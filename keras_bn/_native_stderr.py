@@ -6,12 +6,12 @@ TensorFlow's C++ runtime writes straight to file descriptor 2, from the moment i
 (`keras-bn-train`, `python -m keras_bn.train`) points descriptor 2 at /dev/null and gives
 Python's `sys.stderr` a descriptor of its own on the terminal, so every message of the trainer,
 Python warning and traceback still shows. `import keras_bn` does this only when the process IS
-that command line (and TensorFlow's lines were not asked for): a user's program that imports
-keras_bn keeps its stderr as it is.
+that command line (and TensorFlow's lines were not asked for with
+`KERAS_BN_TF_LOGS=1`): a user's program that imports keras_bn keeps its stderr as it is.
 
 Example:
 
->>> wanted(["--preset=mnist_bn", "--verbose", "2"])
+>>> wanted() == (os.environ.get("KERAS_BN_TF_LOGS", "") not in ("", "0"))
 True
 >>> is_trainer_command_line(["/venv/bin/keras-bn-train"], ["python", "/venv/bin/keras-bn-train"])
 True
@@ -27,13 +27,12 @@ _MODULES = ("keras_bn.train", "keras_bn.train.__main__")
 _terminal = None  # sys.stderr on the terminal once descriptor 2 is redirected
 
 
-def wanted(args):
-    """Whether command-line `args` (or the environment) ask for TensorFlow's C++ logs."""
-    verbose_two = any(
-        arg == "--verbose=2" or (arg == "--verbose" and value == "2")
-        for arg, value in zip(args, [*args[1:], ""], strict=True)
-    )
-    return verbose_two or os.environ.get(ENV, "") not in ("", "0")
+def wanted():
+    """Whether TensorFlow's C++ logs are asked for: `KERAS_BN_TF_LOGS=1`, their own switch.
+
+    `--verbose` only says how much the trainer itself prints.
+    """
+    return os.environ.get(ENV, "") not in ("", "0")
 
 
 def is_trainer_command_line(argv=None, orig_argv=None):
@@ -70,5 +69,5 @@ def redirect():
 
 def hide_tensorflow_startup_lines():
     """Called by `import keras_bn` before TensorFlow loads: redirects for the trainer's CLI only."""
-    if is_trainer_command_line() and not wanted(sys.argv[1:]):
+    if is_trainer_command_line() and not wanted():
         redirect()

@@ -1,10 +1,12 @@
 """Shared pytest setup: quiet TensorFlow, and a runner for tests that need several CPUs."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,3 +52,42 @@ def free_port() -> int:
 @pytest.fixture
 def python_subprocess():
     return run_python
+
+
+def cli_error(capsys, argv, status: int = 2) -> str:
+    """Runs the trainer's command line in this process; returns its one error line.
+
+    The command must exit with `status` and end with exactly one `keras-bn-train: error:` line
+    on stderr, without a traceback.
+    """
+    from keras_bn.train.cli.main import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("keras-bn-train: error: ")]
+    assert exit_info.value.code == status, err[-3000:]
+    assert len(ours) == 1 and lines[-1] == ours[0] and "Traceback" not in err, err[-3000:]
+    return ours[0]
+
+
+def kill_when(command, ready, *, env=None, timeout: int = 300) -> int:
+    """Starts `command` and SIGKILLs it as soon as `ready()` holds; returns its exit status.
+
+    Fails the test if the process ends before, or `ready()` does not hold within `timeout` s.
+    """
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, f"{command} ended before it was killed"
+            assert time.monotonic() < deadline, f"not ready to be killed after {timeout} s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode

@@ -18,10 +18,12 @@ def _modules():
     names = []
     for package in (keras_bn, keras_bn.models, keras_bn.train):
         names.append(package.__name__)
-        for info in pkgutil.iter_modules(package.__path__):
-            # __main__ defines the absl flags when imported; its examples are command lines.
-            if info.name != "__main__" and not info.ispkg:
-                names.append(f"{package.__name__}.{info.name}")
+        # Sub-packages too: the trainer's rooms are packages of their own.
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            # The entry points define the absl flags when imported; their examples are
+            # command lines.
+            if info.name.rsplit(".", 1)[-1] != "__main__" and not info.name.endswith("cli.main"):
+                names.append(info.name)
     return names
 
 

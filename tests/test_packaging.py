@@ -36,6 +36,9 @@ def test_wheel_holds_only_the_keras_bn_namespace_and_the_mnist_files(wheel):
         "keras_bn/models/inception.py",
         "keras_bn/train/__init__.py",
         "keras_bn/train/__main__.py",
+        "keras_bn/train/cli/main.py",
+        "keras_bn/train/engine/run.py",
+        "keras_bn/train/experiments/figure1.py",
         "keras_bn/layer.py",
     ):
         assert module in names, module
@@ -47,7 +50,7 @@ def test_wheel_holds_only_the_keras_bn_namespace_and_the_mnist_files(wheel):
         "SHA256SUMS",
         "README.md",
     ):
-        assert f"keras_bn/train/mnist/{data}" in names, data
+        assert f"keras_bn/train/data/mnist/{data}" in names, data
     entry_points = [n for n in names if n.endswith("entry_points.txt")]
     assert (
         entry_points and "keras-bn-train" in zipfile.ZipFile(wheel).read(entry_points[0]).decode()
@@ -90,7 +93,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(wheel, tmp_path):
     check = f"""
 import importlib.util, os
 import keras_bn, keras_bn.models, keras_bn.train
-from keras_bn.train.mnist_files import load_mnist
+from keras_bn.train.data.mnist_files import load_mnist
 for module in (keras_bn, keras_bn.models, keras_bn.train):
     assert module.__file__.startswith({str(venv)!r}), module.__file__
 assert importlib.util.find_spec("models") is None, "top-level 'models' leaked"

@@ -1,0 +1,259 @@
+"""Trainer flags, presets and configuration resolution (no training here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags as absl_flags
+
+from keras_bn.train.cli import flags as train_flags
+from keras_bn.train.config import presets
+from keras_bn.train.config import settings as config_lib
+
+
+def parse(*argv):
+    fv = absl_flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["prog", *argv])
+    return fv
+
+
+# Flags -------------------------------------------------------------------------------------
+
+
+COMMANDS = {
+    # The console script pip installs next to this interpreter.
+    "console_script": [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")],
+    "python_m": [sys.executable, "-m", "keras_bn.train"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
+def test_help_shows_the_usage_and_every_trainer_flag(command):
+    proc = subprocess.run(
+        [*command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--experiment=figure1" in proc.stdout, proc.stderr[-3000:]  # the usage examples
+    for name in parse():
+        assert f"--{name}:" in proc.stdout or f"--[no]{name}:" in proc.stdout, name
+    headings = [line for line in proc.stdout.splitlines() if line.endswith(" flags:")]
+    assert headings == [f"{group.capitalize()} flags:" for group in train_flags.GROUPS]
+    assert "steps.; " not in proc.stdout  # the preset descriptions do not run together
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
+def test_bare_command_prints_the_usage_and_exits_2(command):
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--experiment=figure1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: no flags")
+
+
+def test_every_flag_is_in_exactly_one_help_group():
+    grouped = [name for names in train_flags.GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(parse()) and len(grouped) == len(set(grouped))
+
+
+def test_every_flag_has_help_and_config_flags_default_to_none():
+    fv = parse()
+    for name in config_lib.field_names():
+        if name == "preset":
+            continue
+        assert name in fv, f"no flag for config field {name}"
+        assert len(fv[name].help) > 10, name
+        assert fv[name].value is None, f"--{name} must default to None (the preset decides)"
+    for name in ("experiment", "preset", "cpu_replicas", "model_dir"):
+        assert fv[name].help
+
+
+def test_flags_are_exactly_the_settings_and_follow_their_declarations():
+    fv = parse()
+    experiment_flags = {"experiment", "cpu_replicas", "eval_crops", "ensemble_size"}
+    assert set(fv) == set(config_lib.field_names()) | experiment_flags
+    for name, field in config_lib.settings().items():
+        assert field.metadata["help"] in fv[name].help, name
+        if field.metadata["choices"] is not None:
+            assert fv[name].parser.enum_values == list(field.metadata["choices"]), name
+    assert config_lib.RESUMABLE_FIELDS == {
+        name for name, field in config_lib.settings().items() if field.metadata["resumable"]
+    }
+    assert "train_steps" in config_lib.RESUMABLE_FIELDS
+    assert "learning_rate" not in config_lib.RESUMABLE_FIELDS
+
+
+def test_explicit_values_are_the_flags_given_even_when_equal_to_the_default():
+    fv = parse("--preset=mnist_bn", "--batch_size=60", "--nobinarize", "--seed=3")
+    assert train_flags.explicit_values(fv) == {"batch_size": 60, "binarize": False, "seed": 3}
+    assert set(train_flags.present(fv)) == {"batch_size", "binarize", "seed", "preset"}
+
+
+def test_model_kwargs_are_python_literals_or_strings():
+    # DEFINE_list splits on commas, so tuples cannot be passed: a flag error when parsing.
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="key=value"):
+        parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid,x=(1, 2)")
+    fv = parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid")
+    assert train_flags.explicit_values(fv)["model_kwargs"] == {
+        "depth_multiplier": 0.25,
+        "use_lrn": False,
+        "activation": "sigmoid",
+    }
+
+
+def test_unknown_preset_and_enum_values_are_flag_errors():
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="mnist_bn"):
+        parse("--preset=mnist")
+    with pytest.raises(absl_flags.IllegalFlagValueError):
+        parse("--strategy=horovod")
+
+
+# Presets -----------------------------------------------------------------------------------
+
+
+def test_every_preset_resolves_and_names_a_zoo_model():
+    from keras_bn import models
+
+    for name in presets.names():
+        config = config_lib.resolve(name, {"model_dir": "/tmp/x"})
+        assert config.model in models.names(), name
+        assert config.preset == name
+        assert presets.get(name).assumptions, f"{name} must document its assumptions"
+
+
+def test_imagenet_presets_follow_section_4_2():
+    table = {
+        name: config_lib.resolve(name, {})
+        for name in ("inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid")
+    }
+    lr = {name: c.learning_rate for name, c in table.items()}
+    assert lr == {
+        "inception": 0.0015,
+        "bn_baseline": 0.0015,
+        "bn_x5": 0.0075,
+        "bn_x30": 0.045,
+        "bn_x5_sigmoid": 0.0075,
+    }
+    assert table["inception"].model == "inception"
+    assert table["bn_x5_sigmoid"].model == "bn_inception_sigmoid"
+    for c in table.values():
+        assert c.batch_size == 32 and c.momentum == 0.9
+        assert c.dataset == "tfds:imagenet2012" and c.augment == "inception"
+    # The baselines keep dropout, LRN, L2 2e-4, decay every 8 epochs, full distortion.
+    for name in ("inception", "bn_baseline"):
+        c = table[name]
+        assert c.model_kwargs == {"dropout_rate": 0.4, "use_lrn": True}
+        assert (c.weight_decay, c.lr_decay_epochs, c.lr_decay_rate) == (2e-4, 8.0, 0.96)
+        assert c.distortion == "full"
+    # Section 4.2.1: no dropout, no LRN, L2 / 5, decay 6x faster, more shuffling, fewer
+    # distortions.
+    for name in ("bn_x5", "bn_x30", "bn_x5_sigmoid"):
+        c = table[name]
+        assert c.model_kwargs == {"dropout_rate": 0.0, "use_lrn": False}
+        assert c.weight_decay == pytest.approx(2e-4 / 5)
+        assert c.lr_decay_epochs == pytest.approx(8.0 / 6.0)
+        assert c.distortion == "reduced"
+        assert c.shuffle_buffer > table["inception"].shuffle_buffer
+
+
+def test_mnist_presets_match_section_4_1_and_the_figure1_experiment():
+    from keras_bn.train.experiments import figure1
+
+    base, bn = config_lib.resolve("mnist_baseline", {}), config_lib.resolve("mnist_bn", {})
+    for c in (base, bn):
+        assert (c.model, c.dataset, c.binarize) == ("mlp", "mnist", True)
+        assert (c.batch_size, c.train_steps, c.eval_every) == (60, 50_000, 500)
+        assert c.momentum == 0.0
+        assert c.learning_rate == figure1.DEFAULT_LEARNING_RATE
+    assert base.model_kwargs == {"batch_norm": False, "init_stddev": figure1.DEFAULT_INIT_STDDEV}
+    assert bn.model_kwargs == {"batch_norm": True, "init_stddev": figure1.DEFAULT_INIT_STDDEV}
+
+
+def test_explicit_values_override_the_preset_and_model_kwargs_merge():
+    config = config_lib.resolve(
+        "bn_x30",
+        {"learning_rate": 0.01, "model_kwargs": {"depth_multiplier": 0.5, "use_lrn": True}},
+    )
+    assert config.learning_rate == 0.01
+    assert config.model_kwargs == {"dropout_rate": 0.0, "use_lrn": True, "depth_multiplier": 0.5}
+    assert config_lib.resolve("bn_x30", {}).model_kwargs["use_lrn"] is False  # preset unchanged
+
+
+def test_defaults_without_a_preset():
+    config = config_lib.resolve(None, {})
+    assert (config.model, config.dataset, config.preset) == ("mlp", "mnist", None)
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("batch_size", 0, "--batch_size"),
+        ("learning_rate", -1.0, "--learning_rate"),
+        ("momentum", 1.0, "--momentum"),
+        ("lr_decay_rate", 1.5, "--lr_decay_rate"),
+        ("dataset", "imagenet", "--dataset"),
+        ("dataset", "tfds:", "tfds:<name>"),
+        ("strategy", "horovod", "--strategy"),
+        ("fold_bn", True, "--fold_bn needs --export_dir"),
+    ],
+)
+def test_bad_values_name_their_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        config_lib.resolve(None, {field: value})
+
+
+def test_identity_ignores_fields_that_do_not_change_the_trajectory():
+    a = config_lib.resolve("mnist_bn", {"train_steps": 10, "verbose": 0, "export_dir": "/e"})
+    b = config_lib.resolve("mnist_bn", {"train_steps": 99, "eval_every": 7})
+    c = config_lib.resolve("mnist_bn", {"learning_rate": 0.1})
+    assert a.identity() == b.identity()
+    assert a.identity() != c.identity()
+    assert "train_steps" not in a.identity() and "learning_rate" in a.identity()
+    assert json.loads(a.to_json())["model_kwargs"] == {"batch_norm": True, "init_stddev": 0.01}
+
+
+@pytest.mark.parametrize(
+    "preset, explicit, in_memory, expected",
+    [
+        ("mnist_bn", {}, None, True),  # default (auto): XLA for the in-memory path ...
+        ("mnist_bn", {}, False, False),  # ... and none for tf.data
+        ("mnist_bn", {"jit_compile": False}, None, False),  # honoured by the in-memory loop
+        (None, {}, None, True),
+        (None, {"jit_compile": True}, False, True),
+    ],
+)
+def test_jit_compile_is_what_the_trainer_compiles_with(
+    tmp_path, preset, explicit, in_memory, expected
+):
+    import tensorflow as tf
+
+    from keras_bn.train.data.pipeline import make_data
+    from keras_bn.train.engine.trainer import Trainer
+    from keras_bn.train.rundir.folder import RunDir
+
+    config = config_lib.resolve(preset, {"model_dir": str(tmp_path), **explicit})
+    trainer = Trainer(
+        config,
+        tf.distribute.get_strategy(),
+        make_data(config),
+        RunDir(tmp_path),
+        in_memory=in_memory,
+    )
+    assert trainer.jit_compile is expected
+    if trainer.in_memory:
+        assert trainer._make_train_fn()._jit_compile is expected
+
+
+def test_a_model_without_preset_takes_its_recipes_optimization_settings():
+    config = config_lib.resolve(None, {"model": "bn_inception"})
+    assert (config.learning_rate, config.momentum, config.weight_decay) == (0.0075, 0.9, 4e-5)
+    assert (
+        config_lib.resolve(None, {"model": "bn_inception", "learning_rate": 0.1}).learning_rate
+        == 0.1
+    )
+    assert config_lib.resolve(None, {}).learning_rate == 0.5  # the MLP keeps the settings' own

@@ -1,0 +1,1 @@
+"""The command line: absl flags, the entry point, and keeping TensorFlow's C++ logs quiet."""

@@ -1,0 +1,1 @@
+"""What a run is: every setting written once (`settings`) and the paper's presets."""

@@ -1,0 +1,1 @@
+"""Training: the one training-run path (`run`), its loop (`trainer`) and strategies."""

@@ -1,0 +1,1 @@
+"""After training: multi-crop and ensemble evaluation of trained runs, SavedModel export."""

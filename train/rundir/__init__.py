@@ -1,0 +1,1 @@
+"""The run folder: its files written atomically, refusing mixed runs, and checkpoints."""
