@@ -139,6 +139,9 @@ np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(0) * 64 / 63, rt
 net = keras_bn.models.get("mlp")
 net.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 net.fit(np.zeros((60, 784), "float32"), np.zeros(60, "int32"), batch_size=60, verbose=0)
+import subprocess
+trainer = subprocess.run([sys.executable, "-m", "keras_bn.train"], capture_output=True, text=True)
+assert trainer.returncode == 2 and "pip install 'keras-bn[train]'" in trainer.stderr, trainer
 print(f"OK import {seconds:.2f} s")
 """
 
