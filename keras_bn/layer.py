@@ -494,9 +494,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _normalize_with_batch_statistics(self, inputs, mask):
         """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and
-        ``(estimate, biased variance, moments)``: what the moving statistics move toward
-        (the global batch's, wherever the statistics were taken), the batch's biased variance
-        (renorm's averages move toward it) and the moments it was normalized with."""
+        ``(target, moments)``: what the moving statistics move toward (the global batch's
+        per-channel Moments, wherever the statistics were taken; the ghost batches' averaged
+        Estimate) and the moments the batch was normalized with (for Alg. 2)."""
         backend = backends.current()
         replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
@@ -537,14 +537,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return outputs, batch, groups.group_axes()
 
     def _population_target(self, moments, group_axes, replicas, synced, backend):
-        """``(estimate, biased variance, moments)`` in the parameter shape from the moments
-        the batch was normalized with (see :meth:`_normalize_with_batch_statistics`)."""
+        """``(target, observed)`` in the parameter shape from the moments the batch was
+        normalized with (see :meth:`_normalize_with_batch_statistics`)."""
         moments = moments_lib.Moments(*(ops.stop_gradient(v) for v in moments))
         count = ops.broadcast_to(moments.count, ops.shape(moments.mean))
         moments = moments_lib.Moments(count, moments.mean, moments.variance)
         observed = self._observed(moments, group_axes)
         if self._statistics_observer is not None:
-            return None, None, observed  # Alg. 2 measures: no exchange for moving statistics
+            return None, observed  # Alg. 2 measures: no exchange for moving statistics
         if self.virtual_batch_size is not None:
             # Each ghost batch's own estimate (n/(n-1) on its own count), then their average:
             # over this replica's ghost batches, or every replica's.
@@ -554,7 +554,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 sums = replicas.sum(sums)
             target = moments_lib.estimate_from_sums(sums)
             target = moments_lib.Estimate(*(self._per_channel(v) for v in target))
-            return target, None, observed  # renorm, which needs the biased variance, is refused
+            return target, observed
         if group_axes:
             # Device slices of a JAX batch: their exact (Chan) merge, on every device.
             gathered = backend.replicated(
@@ -572,9 +572,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 replicas.count,
             )
             moments = moments_lib.merge_packed_rows(replicas.sum(row))
-        moments = moments_lib.Moments(*(self._per_channel(v) for v in moments))
-        target = moments_lib.estimate(moments, self.unbiased_variance)
-        return target, moments.variance, observed
+        # The estimate is taken inside the compiled update (one launch on TensorFlow).
+        return moments_lib.Moments(*(self._per_channel(v) for v in moments)), observed
 
     def _observed(self, moments, group_axes):
         """The batches Alg. 2 sees, as per-channel :class:`Moments`: the batch; each device
@@ -595,24 +594,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     # ------------------------------------------------------------------- moving statistics
 
-    def _record_batch_statistics(self, target, biased, moments):
+    def _record_batch_statistics(self, target, moments):
         if self._statistics_observer is not None:
             # Alg. 2 wants the batches the layer actually normalized with.
             for batch in moments:
                 self._statistics_observer(batch.mean, batch.variance, batch.count)
             return
-        self._update_moving_statistics(target, biased)
+        self._update_moving_statistics(target)
 
-    def _update_moving_statistics(self, target, biased):
-        """Moves the population estimates toward this batch, channel by channel.
+    def _update_moving_statistics(self, batch):
+        """Moves the population estimates toward this batch (its per-channel ``Moments``, or
+        the ghost batches' averaged ``Estimate``), channel by channel.
 
         Channels whose batch gave no value or non-finite statistics keep their values; with
         ``unbiased_variance`` a channel with one value moves its mean only (``n/(n-1)`` is
         undefined for its variance). With ``momentum=None`` a channel moves only when both
-        are usable, so one count of batches seen weighs both.
+        are usable, so one count of batches weighs both.
         """
-        if self.momentum is None:
-            target = target._replace(mean_ok=target.variance_ok)
+        cumulative = self.momentum is None
+        if cumulative:
             seen = _read(self.moving_count)
             weight = 1.0 / (seen + 1.0)
         else:
@@ -620,6 +620,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         old_mean = _read(self.moving_mean)
         old_variance = _read(self.moving_variance)
         update = _compiled_update(backends.current(), self.renorm)
+        flags = (self.unbiased_variance, cumulative)
         if self.renorm:
             moved = update(
                 old_mean,
@@ -627,23 +628,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 old_variance,
                 _read(self.renorm_mean),
                 _read(self.renorm_stddev),
-                target,
-                biased,
+                batch,
                 weight,
                 1.0 - self.renorm_momentum,
                 self.epsilon,
+                *flags,
             )
-            new_mean, new_stddev, new_variance, new_renorm_mean, new_renorm_stddev = moved
+            new_mean, new_stddev, new_variance, new_renorm_mean, new_renorm_stddev = moved[:5]
+            mean_ok, variance_ok = moved[5:]
             self.moving_stddev.assign(new_stddev)
             self.renorm_mean.assign(new_renorm_mean)
             self.renorm_stddev.assign(new_renorm_stddev)
         else:
-            new_mean, new_variance = update(old_mean, old_variance, target, weight)
-        if self.momentum is None:
-            self.moving_count.assign(ops.where(target.variance_ok, seen + 1.0, seen))
+            new_mean, new_variance, mean_ok, variance_ok = update(
+                old_mean, old_variance, batch, weight, *flags
+            )
+        if cumulative:
+            self.moving_count.assign(ops.where(variance_ok, seen + 1.0, seen))
         for variable, old, new, usable in (
-            (self.moving_mean, old_mean, new_mean, target.mean_ok),
-            (self.moving_variance, old_variance, new_variance, target.variance_ok),
+            (self.moving_mean, old_mean, new_mean, mean_ok),
+            (self.moving_variance, old_variance, new_variance, variance_ok),
         ):
             if variable.constraint is not None:
                 new = ops.where(usable, variable.constraint(new), old)
@@ -798,8 +802,13 @@ def _compiled_update(backend, renorm):
 
 
 def _clone(initializer):
-    """A fresh copy of ``initializer`` (a seeded one would otherwise repeat its values)."""
-    return initializers.get(initializers.serialize(initializer))
+    """A fresh copy of ``initializer`` (a seeded one would otherwise repeat its values).
+
+    From its config, not through ``keras.saving``, whose serialization imports TensorFlow
+    wherever it is installed, whatever the backend."""
+    if hasattr(initializer, "get_config"):
+        return type(initializer).from_config(initializer.get_config())
+    return initializer
 
 
 def _validate_axis(axis):

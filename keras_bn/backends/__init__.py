@@ -21,7 +21,14 @@ import importlib
 
 import keras
 
+_LOADED = {}
+
 
 def current():
-    """The module of Keras's current backend."""
-    return importlib.import_module(f"keras_bn.backends.{keras.backend.backend()}")
+    """The module of Keras's current backend (a dict look-up after the first call, which
+    ``torch.compile`` traces without a graph break)."""
+    name = keras.backend.backend()
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f"keras_bn.backends.{name}")
+    return module
