@@ -129,6 +129,7 @@ import numpy as np
 assert keras.backend.backend() == BACKEND, keras.backend.backend()
 assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed"
 assert "tensorflow" not in sys.modules
+keras_bn.BatchNormalization(renorm=True, momentum=None)(np.ones((4, 3), "float32"), training=True)
 x = np.random.default_rng(0).normal(3.0, 2.0, (64, 5)).astype("float32")
 layer = keras_bn.BatchNormalization(momentum=0.0)
 model = keras.Sequential([keras.Input((5,)), layer, keras.layers.Dense(2)])
