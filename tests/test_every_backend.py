@@ -45,3 +45,21 @@ print("float64 OK")
         env={"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"},
     )
     assert "float64 OK" in out
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_layer_imports_no_other_framework(backend):
+    # A fresh interpreter: Keras itself imports TensorFlow where it is installed once anything
+    # saves a model or seeds its RNG, which the other tests do. (It imports jax under torch.)
+    out = run_python(
+        """
+import sys
+import keras, numpy as np, keras_bn
+layer = keras_bn.BatchNormalization(renorm=True, momentum=None)
+layer(np.ones((4, 3), "float32"), training=True)
+others = {"jax": ("tensorflow", "torch"), "torch": ("tensorflow",)}[keras.backend.backend()]
+print("IMPORTED", [name for name in others if name in sys.modules])
+""",
+        env={"KERAS_BACKEND": backend},
+    )
+    assert "IMPORTED []" in out, out
