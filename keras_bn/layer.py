@@ -516,8 +516,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         masks, ghost batches, float64, and feature axes the fused paths do not handle.
         Returns ``(outputs, moments, group axes of the moments)``."""
         x = ops.cast(inputs, self._statistics_dtype)
-        groups = moments_lib.Groups(slices, self.virtual_batch_size)
-        groups.dynamic_check = getattr(backend, "split_ghost_batches", None)
+        groups = moments_lib.Groups(
+            slices, self.virtual_batch_size, getattr(backend, "split_ghost_batches", None)
+        )
         xs = groups.split(x)
         masks = None if mask is None else groups.split(mask)
         axes, shape = groups.axes(self._reduction_axes), groups.shape(self._broadcast_shape)

@@ -136,11 +136,12 @@ class Groups:
         ghost_size: ``virtual_batch_size`` or None.
     """
 
-    def __init__(self, slices: int = 1, ghost_size: int | None = None):
+    def __init__(self, slices: int = 1, ghost_size: int | None = None, dynamic_check=None):
         self.slices = slices
         self.ghost_size = ghost_size
-        # A backend's check for a batch size known only when the step runs (TensorFlow).
-        self.dynamic_check = None
+        # A backend's ghost split that checks a batch size known only when the step runs
+        # (TensorFlow's ``split_ghost_batches``).
+        self.dynamic_check = dynamic_check
 
     @property
     def trivial(self) -> bool:

@@ -67,9 +67,10 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     partitioner, the plain reductions take 2 forward and 4 backward)."""
     if not layer.fused or layer.virtual_batch_size is not None:
         return None
-    synced = layer.synchronized and device_slices() > 1
+    devices = device_slices()
+    synced = layer.synchronized and devices > 1
     return functools.partial(
-        _closed_form_training, layer, inputs, mask, device_slices() if synced else slices, synced
+        _closed_form_training, layer, inputs, mask, devices if synced else slices, synced
     )
 
 

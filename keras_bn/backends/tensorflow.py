@@ -558,14 +558,10 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     where the plain ``keras.ops`` path runs (masks, float64, ``fused=False``)."""
     if mask is not None or slices != 1:
         return None
-    implementation = _implementation(layer, keras_dtype(inputs))
+    implementation = _implementation(layer, inputs.dtype.name)
     if implementation is None:
         return None
     return lambda: fused_training(layer, inputs, replicas, implementation)
-
-
-def keras_dtype(x) -> str:
-    return x.dtype.name
 
 
 def _implementation(layer, dtype):
