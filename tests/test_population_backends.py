@@ -520,6 +520,9 @@ for estimator in ("paper", "pooled"):
                     for v in (b.moving_mean, b.moving_variance)],
         "warnings": [str(w.message) for w in caught if w.category is UserWarning],
     }}
+# Both ranks leave together: a rank that tears gloo down while the other still talks to it
+# can abort the other (seen once as exit -6).
+dist.barrier()
 dist.destroy_process_group()
 print("REPORT " + json.dumps(report))
 """
