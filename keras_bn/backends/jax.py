@@ -118,21 +118,28 @@ def _closed_form_training(layer, inputs, mask, slices, synced):
         r_d = correction(batch, renorm_state)
         scale, offset = transform.corrected_params(gamma, beta, r_d)
         multiplier = transform.multiplier(batch.variance, scale, epsilon)
-        y = transform.apply(x, batch.mean, multiplier, offset)
+        mean, multiplier, offset = _own_copy(batch.mean, multiplier, offset)
+        y = transform.apply(x, mean, multiplier, offset)
         return (y, *batch), (x, mask, batch, gamma, r_d)
 
     def backward(residuals, cotangents):
         x, mask, batch, gamma, r_d = residuals
         dy = cotangents[0]  # the statistics' cotangents: they only feed the moving averages
         inverse = jax.lax.rsqrt(batch.variance + epsilon)
-        x_hat = (x - batch.mean) * inverse
+        # sum(dy * x_hat) as sum(dy * (x - mean)) * inverse: one broadcast less in the pass.
+        centred = x - _own_copy(batch.mean)[0]
         sums = jnp.stack(
-            [jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)]
+            [
+                jnp.sum(dy, axis=axes, keepdims=True),
+                jnp.sum(dy * centred, axis=axes, keepdims=True) * inverse,
+            ]
         )
         if synced:
             sums = jnp.sum(replicated(sums), axis=1, keepdims=True)
         sum_dy, sum_dy_x_hat = sums
         scale = transform.corrected_scale(gamma, r_d) * inverse
+        mean, inverse = _own_copy(batch.mean, inverse)
+        x_hat = (x - mean) * inverse
         inner = (sum_dy + x_hat * sum_dy_x_hat) / jnp.maximum(batch.count, 1.0)
         if masked:
             inner = jnp.where(mask, inner, 0.0)
@@ -157,6 +164,21 @@ def _closed_form_training(layer, inputs, mask, slices, synced):
     if synced:
         return groups.merge(y, inputs), moments_lib.Moments(*(v[0] for v in batch)), []
     return groups.merge(y, inputs), batch, groups.group_axes()
+
+
+def _own_copy(*statistics):
+    """``statistics`` (per-channel values) as new XLA values, through an optimization barrier.
+
+    Each full-size pass over the batch (the centred sum of squares, the output, the two
+    gradient sums, the input gradient) reads the statistics through its own copy, so XLA does
+    not merge (CSE) the passes' common ``x - mean`` into one full-size tensor with several
+    users, which it then writes to memory and reads back: XLA:CPU's reduction kernels (its
+    YNNPACK fusions) take in an elementwise producer only when the reduction is its one user.
+    With a copy each, every pass recomputes ``x - mean`` from ``x`` in registers and the
+    step's only full-size write is the input gradient (and the output where it is stored).
+    The barrier costs nothing at run time (it is removed after fusion).
+    """
+    return jax.lax.optimization_barrier(statistics)
 
 
 def compiled(function):
