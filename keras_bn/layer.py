@@ -425,7 +425,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mask = moments_lib.broadcast_mask(mask, inputs, self._feature_axes)
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
-            self._record_batch_statistics(*batch)
+            if batch is not None:  # None: the fused kernel moved the moving statistics itself
+                self._record_batch_statistics(*batch)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
         return ops.cast(outputs, self._output_dtype)
@@ -496,7 +497,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and
         ``(target, moments)``: what the moving statistics move toward (the global batch's
         per-channel Moments, wherever the statistics were taken; the ghost batches' averaged
-        Estimate) and the moments the batch was normalized with (for Alg. 2)."""
+        Estimate) and the moments the batch was normalized with (for Alg. 2); None for both
+        where the fused kernel moved the moving statistics itself."""
         backend = backends.current()
         replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
@@ -505,6 +507,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         plan = backend.fused_plan(self, inputs, mask, synced, slices)
         if plan is not None:
             outputs, moments, group_axes = plan()
+            if moments is None:  # the kernel updated the moving statistics in place
+                return outputs, None
         else:
             outputs, moments, group_axes = self._training_transform(
                 inputs, mask, synced, slices, backend
