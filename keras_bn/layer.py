@@ -6,7 +6,6 @@ per-replica statistics travel, and the fast paths).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import keras
@@ -798,12 +797,23 @@ def _read(variable):
     return ops.copy(variable.value)
 
 
-@functools.cache
+_COMPILED_UPDATES = {}
+
+
 def _compiled_update(backend, renorm):
-    """The moving-average update, compiled by the backend where that pays (TensorFlow)."""
-    if renorm:
-        return backend.compiled(moving_average.renorm_moved_toward_batch)
-    return backend.compiled(moving_average.moved_toward_batch)
+    """The moving-average update, compiled by the backend where that pays (TensorFlow); a
+    dict look-up after the first call (``torch.compile`` traces it; ``functools.cache``
+    would make Dynamo warn)."""
+    key = (backend.__name__, renorm)
+    update = _COMPILED_UPDATES.get(key)
+    if update is None:
+        function = (
+            moving_average.renorm_moved_toward_batch
+            if renorm
+            else moving_average.moved_toward_batch
+        )
+        update = _COMPILED_UPDATES[key] = backend.compiled(function)
+    return update
 
 
 def _clone(initializer):
