@@ -473,11 +473,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """Batch Renormalization's state for this batch (read before the update), or None."""
         if not self.renorm:
             return None
-        return transform.Renorm(
+        state = transform.Renorm(
             self._statistic(self.renorm_mean, shape),
             self._statistic(self.renorm_stddev, shape),
             self._clipping,
         )
+        # The backward keeps these values while the update overwrites the variables.
+        settled = getattr(backends.current(), "settled_renorm_state", None)
+        return state if settled is None else settled(state)
 
     def _normalize_with_moving_statistics(self, inputs):
         x = ops.cast(inputs, self._statistics_dtype)
