@@ -177,6 +177,16 @@ def _native_training_in_place(layer, inputs):
     return y.reshape(inputs.shape), None, None
 
 
+def settled_renorm_state(state):
+    """Renorm's averages as read for this batch, tensors of their own under ``torch.compile``
+    too: Inductor would otherwise recompute the copies in the backward from the variables,
+    which the moving-statistics update has overwritten in place by then ("modified by an
+    inplace operation"). A graph break makes them outputs of a graph of their own."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()
+    return state
+
+
 def compiled(function):
     return function
 

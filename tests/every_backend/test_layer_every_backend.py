@@ -280,6 +280,37 @@ def test_stateless_call_returns_the_moving_statistics_and_leaves_the_variables()
         np.testing.assert_allclose(ops.convert_to_numpy(got), expected, rtol=1e-6)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}], ids=["kernel", "renorm"])
+def test_torch_compile_equals_eager(kwargs):
+    # The kernel's in-place update, and renorm (whose averages the backward keeps while the
+    # update overwrites them), under torch.compile: the same gradients and state, step by step.
+    import torch
+
+    rng = np.random.default_rng(8)
+    xs = [rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32) for _ in range(2)]
+    dy = torch.tensor(rng.normal(size=xs[0].shape).astype(np.float32))
+    results = []
+    for compiled in (False, True):
+        layer = keras_bn.BatchNormalization(momentum=0.7, **kwargs)
+        layer.build(xs[0].shape)
+        if "renorm" in kwargs:  # renorm's r and d away from 1 and 0
+            layer.renorm_stddev.assign(ops.full(layer.renorm_stddev.shape, 0.8))
+
+        def loss(x, layer=layer):
+            return torch.sum(layer(x, training=True) * dy)
+
+        loss = torch.compile(loss) if compiled else loss
+        got = []
+        for x in xs:
+            x = torch.tensor(x, requires_grad=True)
+            grads = torch.autograd.grad(loss(x), [x, layer.gamma.value, layer.beta.value])
+            got += [g.detach().numpy().astype(np.float64) for g in grads] + _state(layer)
+        results.append(got)
+    for fast, eager in zip(*results):
+        np.testing.assert_allclose(fast, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_is_a_keras_batch_normalization_and_reports_fused():
     layer = keras_bn.BatchNormalization()
     assert isinstance(layer, keras.layers.BatchNormalization)
