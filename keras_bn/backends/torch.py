@@ -134,14 +134,20 @@ def _kernel_input(layer, inputs):
     the batch axis), float32 (half inputs are computed in float32, as on every path), and
     gamma and beta as vectors (None when disabled: the kernel then skips them)."""
     channels = math.prod(layer._param_shape)
-    x = inputs.float()
+    x = inputs if inputs.dtype == torch.float32 else inputs.float()
     if layer._fused_layout == "NHWC":
         view = x.reshape(-1, channels)
     else:
         view = x.reshape(x.shape[0], channels, -1)
-    gamma = layer.gamma.value.reshape(channels) if layer.scale else None
-    beta = layer.beta.value.reshape(channels) if layer.center else None
-    return view, gamma, beta
+    # Each skipped no-op (a cast, a reshape and its backward) saves an eager dispatch.
+    return view, _vector(layer.gamma, layer.scale), _vector(layer.beta, layer.center)
+
+
+def _vector(variable, enabled):
+    if not enabled:
+        return None
+    value = variable.value
+    return value if value.dim() == 1 else value.reshape(-1)
 
 
 def _native_training(layer, inputs):
