@@ -6,7 +6,6 @@ per-replica statistics travel, and the fast paths).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import keras
@@ -425,7 +424,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mask = moments_lib.broadcast_mask(mask, inputs, self._feature_axes)
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
-            self._record_batch_statistics(*batch)
+            if batch is not None:  # None: the fused kernel moved the moving statistics itself
+                self._record_batch_statistics(*batch)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
         return ops.cast(outputs, self._output_dtype)
@@ -473,11 +473,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """Batch Renormalization's state for this batch (read before the update), or None."""
         if not self.renorm:
             return None
-        return transform.Renorm(
+        state = transform.Renorm(
             self._statistic(self.renorm_mean, shape),
             self._statistic(self.renorm_stddev, shape),
             self._clipping,
         )
+        # The backward keeps these values while the update overwrites the variables.
+        settled = getattr(backends.current(), "settled_renorm_state", None)
+        return state if settled is None else settled(state)
 
     def _normalize_with_moving_statistics(self, inputs):
         x = ops.cast(inputs, self._statistics_dtype)
@@ -496,7 +499,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and
         ``(target, moments)``: what the moving statistics move toward (the global batch's
         per-channel Moments, wherever the statistics were taken; the ghost batches' averaged
-        Estimate) and the moments the batch was normalized with (for Alg. 2)."""
+        Estimate) and the moments the batch was normalized with (for Alg. 2); None for both
+        where the fused kernel moved the moving statistics itself."""
         backend = backends.current()
         replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
@@ -505,6 +509,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         plan = backend.fused_plan(self, inputs, mask, synced, slices)
         if plan is not None:
             outputs, moments, group_axes = plan()
+            if moments is None:  # the kernel updated the moving statistics in place
+                return outputs, None
         else:
             outputs, moments, group_axes = self._training_transform(
                 inputs, mask, synced, slices, backend
@@ -794,12 +800,23 @@ def _read(variable):
     return ops.copy(variable.value)
 
 
-@functools.cache
+_COMPILED_UPDATES = {}
+
+
 def _compiled_update(backend, renorm):
-    """The moving-average update, compiled by the backend where that pays (TensorFlow)."""
-    if renorm:
-        return backend.compiled(moving_average.renorm_moved_toward_batch)
-    return backend.compiled(moving_average.moved_toward_batch)
+    """The moving-average update, compiled by the backend where that pays (TensorFlow); a
+    dict look-up after the first call (``torch.compile`` traces it; ``functools.cache``
+    would make Dynamo warn)."""
+    key = (backend.__name__, renorm)
+    update = _COMPILED_UPDATES.get(key)
+    if update is None:
+        function = (
+            moving_average.renorm_moved_toward_batch
+            if renorm
+            else moving_average.moved_toward_batch
+        )
+        update = _COMPILED_UPDATES[key] = backend.compiled(function)
+    return update
 
 
 def _clone(initializer):

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from keras_bn import moments as moments_lib
 
@@ -91,7 +92,9 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     in one pass each) where it computes the layer's transform: no mask, no renorm (whose r
     and d would need a statistics pass of their own: 8x the plain path's time on small
     inputs), local statistics (a rank's own; the moving statistics are still exchanged),
-    float32 statistics, more than one value per channel."""
+    float32 statistics, more than one value per channel. Where the kernel's own running
+    average is the layer's update (:func:`_kernel_updates_moving_statistics`), it moves the
+    moving statistics too, and the plan returns no moments."""
     if (
         not layer.fused
         or layer.renorm
@@ -102,31 +105,92 @@ def fused_plan(layer, inputs, mask, replicas, slices):
         or inputs.numel() <= math.prod(layer._param_shape)  # n <= 1: n/(n-1) undefined
     ):
         return None
+    if _kernel_updates_moving_statistics(layer):
+        return lambda: _native_training_in_place(layer, inputs)
     return lambda: _native_training(layer, inputs)
 
 
-def _native_training(layer, inputs):
-    """``(outputs, moments, group axes)`` from the native kernel, on the input viewed as
-    ``[A, C]`` (features last) or ``[N, C, B]`` (features after the batch axis)."""
+def _kernel_updates_moving_statistics(layer) -> bool:
+    """Whether the kernel's running average is exactly the layer's moving-statistics update.
+
+    It computes ``(1 - m) * running + m * batch`` with the batch's ``n/(n-1)``-corrected
+    variance, ``m = 1 - momentum``: the layer's ``old + (1 - momentum) * (batch - old)`` to
+    float rounding, for a fixed momentum and the unbiased variance; without other ranks
+    (whose batches the update must include), Alg. 2's observer, moving-statistics
+    constraints, or a stateless call (whose variables must not change in place)."""
+    return (
+        layer.momentum is not None
+        and layer.unbiased_variance
+        and layer._statistics_observer is None
+        and layer.moving_mean.constraint is None
+        and layer.moving_variance.constraint is None
+        and not in_stateless_scope()
+        and replica_group() is None
+    )
+
+
+def _kernel_input(layer, inputs):
+    """The input as the kernel's ``[A, C]`` (features last) or ``[N, C, B]`` (features after
+    the batch axis), float32 (half inputs are computed in float32, as on every path), and
+    gamma and beta as vectors (None when disabled: the kernel then skips them)."""
     channels = math.prod(layer._param_shape)
-    x = inputs.float()  # float32 math for half inputs, as on every path
+    x = inputs if inputs.dtype == torch.float32 else inputs.float()
     if layer._fused_layout == "NHWC":
         view = x.reshape(-1, channels)
     else:
         view = x.reshape(x.shape[0], channels, -1)
-    ones = torch.ones(channels, device=x.device)
-    gamma = layer.gamma.value.reshape(channels) if layer.scale else ones
-    beta = layer.beta.value.reshape(channels) if layer.center else torch.zeros_like(ones)
+    # Each skipped no-op (a cast, a reshape and its backward) saves an eager dispatch.
+    return view, _vector(layer.gamma, layer.scale), _vector(layer.beta, layer.center)
+
+
+def _vector(variable, enabled):
+    if not enabled:
+        return None
+    value = variable.value
+    return value if value.dim() == 1 else value.reshape(-1)
+
+
+def _native_training(layer, inputs):
+    """``(outputs, moments, group axes)`` from the native kernel."""
+    view, gamma, beta = _kernel_input(layer, inputs)
+    channels = view.shape[1]
     # With momentum 1 the kernel writes the batch's mean and n/(n-1)-corrected variance into
     # the running buffers, from its own sums (1 / sqrt(var + epsilon), its third output, would
     # lose digits when var << epsilon).
-    mean = torch.zeros(channels, device=x.device)
-    corrected = torch.ones(channels, device=x.device)
+    mean = torch.zeros(channels, device=view.device)
+    corrected = torch.ones(channels, device=view.device)
     y, _, _ = torch.native_batch_norm(view, gamma, beta, mean, corrected, True, 1.0, layer.epsilon)
     n = view.numel() // channels
     variance = corrected * ((n - 1) / n)
-    count = torch.tensor(float(n), device=x.device)
+    count = torch.tensor(float(n), device=view.device)
     return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
+
+
+def _native_training_in_place(layer, inputs):
+    """``(outputs, None, None)``: the native kernel normalizes and moves copies of the moving
+    statistics (its running buffers, which its backward keeps: the variables themselves must
+    not change under it), written back where finite: a channel whose new value is not finite
+    (a non-finite batch statistic) keeps its old value, as the layer's update keeps it."""
+    view, gamma, beta = _kernel_input(layer, inputs)
+    variables = (layer.moving_mean.value, layer.moving_variance.value)
+    running = [value.clone() for value in variables]
+    y, _, _ = torch.native_batch_norm(
+        view, gamma, beta, *running, True, 1.0 - layer.momentum, layer.epsilon
+    )
+    with torch.no_grad():
+        for variable, new in zip(variables, running):
+            variable.copy_(torch.where(torch.isfinite(new), new, variable))
+    return y.reshape(inputs.shape), None, None
+
+
+def settled_renorm_state(state):
+    """Renorm's averages as read for this batch, tensors of their own under ``torch.compile``
+    too: Inductor would otherwise recompute the copies in the backward from the variables,
+    which the moving-statistics update has overwritten in place by then ("modified by an
+    inplace operation"). A graph break makes them outputs of a graph of their own."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()
+    return state
 
 
 def compiled(function):

@@ -240,6 +240,77 @@ def test_errors_name_the_argument():
         layer(np.zeros((4, 5, 3), np.float32), mask=np.ones((4, 4), bool))
 
 
+def test_the_fast_path_moves_the_moving_statistics_as_the_plain_path():
+    # Several steps (PyTorch: the kernel's own running average, in place); in the second, a
+    # channel of +-2**66 has mean 0 but a variance past float32: its mean moves, its
+    # variance keeps its value.
+    rng = np.random.default_rng(6)
+    batches = [rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32) for _ in range(3)]
+    batches[1][..., 0] = np.where(np.arange(72).reshape(8, 3, 3) % 2, 2.0**66, -(2.0**66))
+    states = []
+    for fused in (None, False):
+        layer = keras_bn.BatchNormalization(momentum=0.7, fused=fused)
+        layer.build(batches[0].shape)
+        for step, x in enumerate(batches):
+            layer(x, training=True)
+            if step == 1:
+                kept = _state(layer)[1][0]
+        states.append(_state(layer))
+    first = batches[0][..., 0].astype(np.float64).var(ddof=1)
+    np.testing.assert_allclose(kept, 1.0 + 0.3 * (first - 1.0), rtol=1e-6)  # step 0's value
+    for fast, plain in zip(*states):
+        np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX variables never change in place")
+def test_stateless_call_returns_the_moving_statistics_and_leaves_the_variables():
+    rng = np.random.default_rng(7)
+    x = rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32)
+    called, stateless = (keras_bn.BatchNormalization(momentum=0.7) for _ in range(2))
+    for layer in (called, stateless):
+        layer.build(x.shape)
+    called(x, training=True)
+    before = _state(stateless)
+    trainable = [v.value for v in stateless.trainable_variables]
+    others = [v.value for v in stateless.non_trainable_variables]
+    _, new = stateless.stateless_call(trainable, others, x, training=True)
+    for after, old in zip(_state(stateless), before):
+        np.testing.assert_array_equal(after, old)
+    for got, expected in zip(new, _state(called)):
+        np.testing.assert_allclose(ops.convert_to_numpy(got), expected, rtol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}], ids=["kernel", "renorm"])
+def test_torch_compile_equals_eager(kwargs):
+    # The kernel's in-place update, and renorm (whose averages the backward keeps while the
+    # update overwrites them), under torch.compile: the same gradients and state, step by step.
+    import torch
+
+    rng = np.random.default_rng(8)
+    xs = [rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32) for _ in range(2)]
+    dy = torch.tensor(rng.normal(size=xs[0].shape).astype(np.float32))
+    results = []
+    for compiled in (False, True):
+        layer = keras_bn.BatchNormalization(momentum=0.7, **kwargs)
+        layer.build(xs[0].shape)
+        if "renorm" in kwargs:  # renorm's r and d away from 1 and 0
+            layer.renorm_stddev.assign(ops.full(layer.renorm_stddev.shape, 0.8))
+
+        def loss(x, layer=layer):
+            return torch.sum(layer(x, training=True) * dy)
+
+        loss = torch.compile(loss) if compiled else loss
+        got = []
+        for x in xs:
+            x = torch.tensor(x, requires_grad=True)
+            grads = torch.autograd.grad(loss(x), [x, layer.gamma.value, layer.beta.value])
+            got += [g.detach().numpy().astype(np.float64) for g in grads] + _state(layer)
+        results.append(got)
+    for fast, eager in zip(*results):
+        np.testing.assert_allclose(fast, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_is_a_keras_batch_normalization_and_reports_fused():
     layer = keras_bn.BatchNormalization()
     assert isinstance(layer, keras.layers.BatchNormalization)
