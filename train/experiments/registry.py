@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from keras_bn.train.experiments import figure1 as figure1_lib
+from keras_bn.train.experiments import table2 as table2_lib
 from keras_bn.train.messages import PROG, RunError
 from keras_bn.train.rundir.folder import RunDir, check_writable, json_text
 
@@ -23,20 +24,8 @@ FIGURE1_ARGUMENTS = {
     for f in dataclasses.fields(figure1_lib.Options)
     if f.metadata["flag"]
 }
-# --experiment=table2 takes these flags (the fields of keras_bn.train.experiments.table2.Options).
-TABLE2_ARGUMENTS = (
-    "model_dir",
-    "dataset",
-    "data_dir",
-    "train_steps",
-    "eval_every",
-    "eval_steps",
-    "model_kwargs",
-    "seed",
-    "ensemble_size",
-    "eval_crops",
-    "verbose",
-)
+# --experiment=table2 takes these flags: the fields of its options.
+TABLE2_ARGUMENTS = tuple(f.name for f in dataclasses.fields(table2_lib.Options))
 
 
 def figure1(given: Mapping[str, Any]) -> dict:
@@ -103,8 +92,11 @@ def table2(given: Mapping[str, Any]) -> dict:
         RunError: for a flag table2 does not use, a folder holding another experiment, a
             failing run, or Ctrl-C (status 130; the same command resumes).
     """
-    from keras_bn.train.experiments import table2 as table2_lib
-
+    if "train_steps" in given:  # a flag means one thing everywhere: one run's steps
+        raise RunError(
+            "--experiment=table2 trains several nets, each for its own number of steps: set "
+            "Inception's with --inception_steps (the others scale with it), not --train_steps."
+        )
     _check_flags("table2", given, TABLE2_ARGUMENTS)
     if not given.get("model_dir"):
         raise RunError("--model_dir is required (the folder for the six nets and the outputs).")
