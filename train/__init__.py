@@ -1,5 +1,5 @@
 """The absl trainer (keras_bn.train): rooms by concern, imports pointing one way.
 
-`cli` (flags, the command line) -> `experiments` (figure1, table2, evaluate) -> `engine` (the
-training run and its loop) -> `evaluation`, `data`, `rundir` -> `config` (settings, presets).
+`cli` -> `experiments` -> `evaluation` -> `engine` -> `data` -> `config` -> `rundir`, and every
+room -> `messages` (the README's Layout section says what each room holds).
 """

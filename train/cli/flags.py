@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import textwrap
 import types
 import typing
@@ -28,12 +29,17 @@ from typing import Any
 from absl import flags
 
 from keras_bn.train.config import settings as config_lib
+from keras_bn.train.experiments import table2
 from keras_bn.train.experiments.registry import EXPERIMENTS
 
 FLAGS = flags.FLAGS
 
+# Options of --experiment=table2 that no training run has, declared with its other options.
+TABLE2_FLAGS = ("inception_steps", "ensemble_size")
+# Flags only an experiment takes (a training run refuses them).
+EXPERIMENT_FLAGS = ("eval_crops", *TABLE2_FLAGS)
 # Flags that are not settings: what to run and how to lay out the CPU, never saved with a run.
-_CONTROL_FLAGS = ("experiment", "cpu_replicas", "eval_crops", "ensemble_size")
+_CONTROL_FLAGS = ("experiment", "cpu_replicas", *EXPERIMENT_FLAGS)
 
 
 class _KeywordsParser(flags.ListParser):
@@ -84,14 +90,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "crops x 2; default: 1 for evaluate, 1,10,144 for table2).",
         flag_values=flag_values,
     )
-    flags.DEFINE_integer(
-        "ensemble_size",
-        None,
-        "--experiment=table2: BN-x30 runs (seeds --seed, --seed+1, ...) in the section 4.3 "
-        "ensemble (default: 3).",
-        lower_bound=1,
-        flag_values=flag_values,
-    )
+    table2_options = {f.name: f for f in dataclasses.fields(table2.Options)}
+    table2_hints = typing.get_type_hints(table2.Options)
+    for name in TABLE2_FLAGS:
+        field = table2_options[name]
+        default = field.metadata["default_help"] or field.default
+        text = f"--experiment=table2: {field.metadata['help']} (default: {default})"
+        _DEFINE[_flag_type(table2_hints[name])](name, None, text, flag_values=flag_values)
     hints = typing.get_type_hints(config_lib.TrainConfig)
     for name, field in config_lib.settings().items():
         kind, choices = _flag_type(hints[name]), field.metadata["choices"]
@@ -121,15 +126,23 @@ GROUPS = {
         "eval_batch_size eval_every eval_steps checkpoint_every steps_per_loop"
     ).split(),
     "after training": ("population_stats", "export_dir", "fold_bn"),
-    "experiment": ("eval_crops", "ensemble_size"),
+    "experiment": EXPERIMENT_FLAGS,
     "distribution and hardware": ("strategy tpu mixed_precision jit_compile cpu_replicas".split()),
 }
 
 
-def grouped_help(flag_values: flags.FlagValues = FLAGS) -> str:
-    """The trainer's flags by group, each as absl shows it (`--name: help`)."""
+def grouped_help(flag_values: flags.FlagValues = FLAGS, *, full: bool = False) -> str:
+    """The trainer's flags by group, each as absl shows it (`--name: help`).
+
+    `full` (`--helpfull`) adds absl's logging flags (`--verbosity`, `--log_dir`, ...), the only
+    other flags the command line acts on.
+    """
+    groups = dict(GROUPS)
+    if full:
+        logging_flags = flag_values.get_flags_for_module("absl.logging")
+        groups["logging (absl)"] = sorted({flag.name for flag in logging_flags})
     sections = []
-    for group, names in GROUPS.items():
+    for group, names in groups.items():
         lines = [f"{group.capitalize()} flags:"]
         for name in names:
             flag = flag_values[name]

@@ -32,7 +32,6 @@ from absl import flags as absl_flags
 from keras_bn.train.cli import flags as train_flags
 from keras_bn.train.cli import quiet
 from keras_bn.train.config import settings as config_lib
-from keras_bn.train.engine import run as run_lib
 from keras_bn.train.experiments import registry
 from keras_bn.train.messages import PROG, RunError, error, say, usage
 
@@ -67,7 +66,7 @@ def _dispatch() -> dict:
             result = entry.run(given)
             say(entry.report(result, given, time.perf_counter() - started))
         else:
-            experiment_only = [n for n in ("eval_crops", "ensemble_size") if n in given]
+            experiment_only = [n for n in train_flags.EXPERIMENT_FLAGS if n in given]
             if experiment_only:
                 fail(
                     f"{', '.join('--' + n for n in experiment_only)} belong(s) to "
@@ -78,6 +77,8 @@ def _dispatch() -> dict:
                 config = config_lib.resolve(FLAGS.preset, explicit)
             except ValueError as error:  # a setting out of range
                 fail(error)
+            from keras_bn.train.engine import run as run_lib  # TensorFlow: not for --help
+
             result = run_lib.train(config, list(explicit), FLAGS.cpu_replicas)
             _report_training(result)
     except RunError as error:
@@ -159,7 +160,12 @@ def run() -> None:
     if not args:  # nothing to do: say how to use it, as for a wrong flag
         usage(__doc__)
         fail("no flags given; see the examples above, or --help for every flag.")
-    if any(arg in _HELP for arg in args):  # ours: grouped, and exit status 0 (absl's is 1)
+    # Help is ours, before absl sees the flags: grouped, exit status 0 (absl's is 1), and only
+    # the trainer's flags (absl's --helpfull adds those of every module TensorFlow imports).
+    if "--helpfull" in args:
+        say(__doc__ + "\n" + train_flags.grouped_help(FLAGS, full=True))
+        sys.exit(0)
+    if any(arg in _HELP for arg in args):
         say(__doc__ + "\n" + train_flags.grouped_help(FLAGS))
         sys.exit(0)
     if not quiet.wanted():

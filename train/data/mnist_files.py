@@ -1,6 +1,6 @@
 """The real MNIST files shipped as package data (IDX, gzip), read without any network.
 
-The four files in ``keras_bn/train/mnist/`` are the original LeCun/Cortes/Burges IDX files
+The four files in ``keras_bn/train/data/mnist/`` are the original LeCun/Cortes/Burges IDX files
 (CC BY-SA 3.0, see the README beside them). ``SHA256SUMS`` holds the sha256 of each
 *uncompressed* file; every read is checked against it, so a corrupted install fails loudly.
 

@@ -5,12 +5,12 @@ order drawn from `(seed, e)` and augmentation of the k-th example of the stream 
 stateless seed `(seed, k)`. A run resumed at step s therefore sees exactly the batches an
 uninterrupted run sees from step s, without saving any iterator state.
 
-Sources (`--dataset`):
-    - `mnist`: the real MNIST files shipped inside the package (`mnist_files.load_mnist`),
-      read into memory and fully permuted every epoch.
-    - `tfds:<name>`: a TFDS dataset that is already prepared in `--data_dir` (never
-      downloaded); a seeded shuffle buffer per epoch; images decoded after shuffling.
-    - `synthetic`: one random batch of the model's input shape, repeated (throughput runs).
+The sources are the `--dataset` setting's (its help lists them). Decisions: the packaged MNIST is
+held in memory and fully permuted every epoch (the trainer's fast in-memory path gathers from it);
+a TFDS dataset is never downloaded (the trainer runs offline: one line says how to prepare it) and
+is shuffled with a seeded buffer of encoded images (decoded after shuffling, so the buffer stays
+small); synthetic data is one random batch repeated, so a throughput run measures the model, not
+the input.
 
 Example:
 

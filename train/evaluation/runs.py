@@ -1,23 +1,16 @@
-"""Trained runs evaluated on 1, 10 or 144 crops per image, alone or as an ensemble (section 4.3).
+"""Trained runs evaluated on 1, 10 or 144 crops per image, alone and as an ensemble (section 4.3).
 
-`evaluate_runs` restores each run's newest checkpoint that loads (the trainer's own restore,
-writing nothing into the run's folder), takes the evaluation images its configuration names
-as raw pixels, and reports for each crop count the top-1 accuracy of every model and of the
-ensemble. The ensemble's prediction is the arithmetic mean of the models' class probabilities
-(`ensemble`), each the mean over the views of `crops`. Every model sees each view once; the
-single models and the ensemble are read off the same probabilities.
+Why here and not in the trainer: evaluation must read any finished run, of any model, without
+writing into its folder. `restore_run` rebuilds a run from its config.json and newest checkpoint
+that loads; `evaluate_runs` passes every view of `crops` through each model once, and reads the
+single models and the ensemble (the mean of the class probabilities) off those same passes.
 
-This is `keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b,runs/c
---eval_crops=1,10,144`, and the last step of `--experiment=table2`.
+Example (`keras-bn-train --experiment=evaluate --model_dir=runs/a,runs/b --eval_crops=1,144`)::
 
-Example:
+    from keras_bn.train.evaluation.runs import evaluate_runs
 
-```python
-from keras_bn.train.evaluation.runs import evaluate_runs
-
-result = evaluate_runs(["runs/bn_x30", "runs/bn_x30_seed1"], num_crops=(1, 144))
-print(result["accuracy"]["144"]["ensemble"], result["accuracy"]["144"]["models"])
-```
+    result = evaluate_runs(["runs/bn_x30", "runs/bn_x30_seed1"], num_crops=(1, 144))
+    print(result["accuracy"]["144"]["ensemble"], result["accuracy"]["144"]["models"])
 """
 
 from __future__ import annotations
@@ -171,7 +164,8 @@ def evaluate_runs(
     Args:
         model_dirs: trained runs of one model input size and class count; the first run's
             configuration names the evaluation images.
-        num_crops: crop counts, each 1, 10 or 144.
+        num_crops: crop counts, each one of `crops.NUM_CROPS` (the command line checks
+            `--eval_crops` before anything runs; `crops.views` refuses another count).
         max_images: evaluate at most this many of those images.
         verbose: 0 silent, else one line per (model, crop count).
 
@@ -185,9 +179,6 @@ def evaluate_runs(
     """
     if not model_dirs:
         raise ValueError("--model_dir names no run to evaluate.")
-    bad = [n for n in num_crops if n not in crops.NUM_CROPS]
-    if bad:
-        raise ValueError(f"--eval_crops must be among {crops.NUM_CROPS}; got {bad}.")
     started = time.perf_counter()
     trainers = [restore_run(d) for d in model_dirs]
     first = trainers[0]

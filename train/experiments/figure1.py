@@ -1,46 +1,23 @@
-"""Figure 1 of the paper: the MNIST net with and without Batch Normalization, from one call.
+"""Figure 1 of the paper (section 4.1): the MNIST net trained with and without BN, side by side.
 
-`run_figure1` trains the paper's section 4.1 network (784 -> 3 x 100 sigmoid -> 10, batch 60,
-50,000 steps) twice, as the baseline and with BN before every hidden sigmoid, with the same
-optimizer, learning rate, initial weights and batch order. Every `eval_every` steps it records
+A module of its own because the figure records what a training run does not: at every
+evaluation, the 15th/50th/85th percentiles of one last-layer sigmoid input over a fixed batch,
+in training mode (the paper's N_BN^tr), computed with `stateless_call` so the moving statistics
+never move. Everything else is the trainer's: both nets are ordinary runs (presets
+`mnist_baseline`, `mnist_bn`) with the same initial weights and batch order, trained by
+`keras_bn.train.engine.run.train`, so they checkpoint and resume; the percentiles join each
+run's metrics.jsonl, so a resumed net reads its whole curve back.
 
-- the test accuracy on the full 10,000-image test set (Figure 1(a)); the BN net is evaluated
-  in inference mode with its moving averages, which the paper allows for tracking accuracy
-  during training (they lag behind the weights in the first few hundred steps);
-- the 15th, 50th and 85th percentiles of the input of one fixed sigmoid of the last hidden
-  layer (unit `percentile_unit` of `hidden3`) over a fixed batch, the first
-  `percentile_examples` test images, in training mode (Figure 1(b, c)). For the BN net this is
-  the training network N_BN^tr: `gamma * x_hat + beta` with the statistics of that fixed batch.
-  It is computed with `stateless_call`, so it never moves the BN layers' moving statistics.
+Decisions: accuracy is tracked with the moving averages (the paper allows it; they lag in the
+first few hundred steps), and once more at the end with exact population statistics (Alg. 2).
+Outputs are published only after both nets have trained, so a failure leaves none half-written.
 
-At the end the BN net's moving statistics are replaced by exact population statistics
-(Alg. 2, over the last epoch of its own training batches) and its test accuracy is reported
-once more.
+Example (the command line is `keras-bn-train --experiment=figure1 --model_dir=runs/figure1`)::
 
-Both nets are training runs like any other (`keras_bn.train.engine.run.train`, presets
-`mnist_baseline` and `mnist_bn`, one compiled call per `eval_every` steps), so they checkpoint
-and resume; this module adds only what the figure records at each evaluation (the percentiles
-join the run's metrics.jsonl, so a resumed net reads its whole curve back), the curves, the
-summary and the plot. Pass `runs_dir` to keep the nets' run folders (the command line keeps them
-in `--model_dir`); without it they live in a temporary folder and nothing can resume.
+    from keras_bn.train.experiments.figure1 import run_figure1
 
-Outputs in `output_dir` (each written to a temporary file first and renamed into place, and
-only after both nets have trained, so a failed run leaves no partial output):
-`figure1.png` (three panels as the paper's Figure 1), `figure1.json` and `figure1.csv` (the
-curves), `summary.md` (final accuracies, wall time, settings).
-
-Example:
-
-```python
-from keras_bn.train.experiments.figure1 import run_figure1
-
-result = run_figure1("runs/figure1")
-print(result["baseline_test_accuracy"], result["bn_test_accuracy"], result["figure"])
-```
-
-Reference:
-    Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
-    Internal Covariate Shift", ICML 2015, section 4.1 and Figure 1.
+    result = run_figure1("/tmp/fig1", steps=200, eval_every=100, runs_dir="/tmp/fig1")
+    print(result["baseline_test_accuracy"], result["bn_test_accuracy"], result["figure"])
 """
 
 from __future__ import annotations

@@ -62,6 +62,12 @@ def plot_figure1(curves, path, *, dpi=120):
     Returns:
         `path`.
     """
+    draw_figure1(curves, dpi=dpi).savefig(path)
+    return path
+
+
+def draw_figure1(curves, *, dpi=120):
+    """The figure `plot_figure1` writes, as a matplotlib `Figure` (panels (a), (b), (c))."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -121,5 +127,4 @@ def plot_figure1(curves, path, *, dpi=120):
             "in training mode",
             fontsize="medium",
         )
-    fig.savefig(path)
-    return path
+    return fig

@@ -12,7 +12,9 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from keras_bn.train.config.settings import setting
 from keras_bn.train.experiments import figure1 as figure1_lib
+from keras_bn.train.experiments import table2 as table2_lib
 from keras_bn.train.messages import PROG, RunError
 from keras_bn.train.rundir.folder import RunDir, check_writable, json_text
 
@@ -23,20 +25,8 @@ FIGURE1_ARGUMENTS = {
     for f in dataclasses.fields(figure1_lib.Options)
     if f.metadata["flag"]
 }
-# --experiment=table2 takes these flags (the fields of keras_bn.train.experiments.table2.Options).
-TABLE2_ARGUMENTS = (
-    "model_dir",
-    "dataset",
-    "data_dir",
-    "train_steps",
-    "eval_every",
-    "eval_steps",
-    "model_kwargs",
-    "seed",
-    "ensemble_size",
-    "eval_crops",
-    "verbose",
-)
+# --experiment=table2 takes these flags: the fields of its options.
+TABLE2_ARGUMENTS = tuple(f.name for f in dataclasses.fields(table2_lib.Options))
 
 
 def figure1(given: Mapping[str, Any]) -> dict:
@@ -103,8 +93,11 @@ def table2(given: Mapping[str, Any]) -> dict:
         RunError: for a flag table2 does not use, a folder holding another experiment, a
             failing run, or Ctrl-C (status 130; the same command resumes).
     """
-    from keras_bn.train.experiments import table2 as table2_lib
-
+    if "train_steps" in given:  # a flag means one thing everywhere: one run's steps
+        raise RunError(
+            "--experiment=table2 trains several nets, each for its own number of steps: set "
+            "Inception's with --inception_steps (the others scale with it), not --train_steps."
+        )
     _check_flags("table2", given, TABLE2_ARGUMENTS)
     if not given.get("model_dir"):
         raise RunError("--model_dir is required (the folder for the six nets and the outputs).")
@@ -133,24 +126,37 @@ def table2(given: Mapping[str, Any]) -> dict:
                 run_dir.commit()
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """What `--experiment=evaluate` takes (flag = field name), declared as a run's settings."""
+
+    model_dir: str = setting("", "One trained run, or several separated by commas (an ensemble)")
+    eval_crops: tuple[int, ...] = setting((1,), "Crop counts per image")
+    verbose: int = setting(1, "0 silent, else one line per (model, crop count)")
+
+
 def evaluate(given: Mapping[str, Any]) -> dict:
     """`--experiment=evaluate`: trained runs on 1, 10 or 144 crops, alone and as an ensemble.
 
-    `--model_dir` names one run or several, comma-separated (an ensemble); `--eval_crops` the
-    crop counts (default 1). Nothing is written.
+    Nothing is written.
 
     Raises:
         RunError: for a flag it does not use, or a folder that holds no trained run.
     """
     from keras_bn.train.evaluation.runs import evaluate_runs
 
-    _check_flags("evaluate", given, ("model_dir", "eval_crops", "verbose"))
-    model_dirs = [d for d in str(given.get("model_dir") or "").split(",") if d]
+    _check_flags("evaluate", given, [f.name for f in dataclasses.fields(EvaluateOptions)])
+    values = {n: v for n, v in given.items() if n != "experiment"}
+    if values.get("eval_crops"):  # an empty --eval_crops= means the default, as it always did
+        values["eval_crops"] = _crop_counts(values["eval_crops"])
+    else:
+        values.pop("eval_crops", None)
+    options = EvaluateOptions(**values)
+    model_dirs = [d for d in options.model_dir.split(",") if d]
     if not model_dirs:
         raise RunError("--model_dir is required: one trained run, or several separated by commas.")
     try:
-        crops = _crop_counts(given.get("eval_crops") or ["1"])
-        return evaluate_runs(model_dirs, crops, verbose=given.get("verbose", 1))
+        return evaluate_runs(model_dirs, options.eval_crops, verbose=options.verbose)
     except ValueError as error:
         raise RunError(error) from None
 

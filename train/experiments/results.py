@@ -1,5 +1,5 @@
 """What an experiment reports beside its curves (shared by `--experiment=figure1` and
-`--experiment=table2`; their files are written with `run_dir.publish`)."""
+`--experiment=table2`; their files are written with `rundir.folder.publish`)."""
 
 from __future__ import annotations
 

@@ -1,34 +1,18 @@
-"""The paper's ImageNet experiments (section 4.2-4.3, Figures 2-4) from one call, in miniature.
+"""Figure 2 and Table 2 of the paper (sections 4.2-4.3): the six ImageNet nets, scaled in time.
 
-`run_table2` trains, one after another and each in a folder of its own below `model_dir`, the
-six nets of section 4.2.2 with their presets' recipes: Inception, BN-Baseline, BN-x5, BN-x30,
-BN-x5-Sigmoid, and Inception-Sigmoid (Inception with sigmoid units, which the paper says never
-trains). Then two more BN-x30 runs with other seeds, and evaluates BN-x30 alone and the
-ensemble of the three on 1, 10 and 144 crops per image (section 4.3). Every net is trained by
-`keras_bn.train.engine.run.train`, i.e. by the trainer exactly as `--preset=bn_x5` trains it:
-an interrupted experiment resumes, net by net, from the checkpoints when run again.
+The experiment is a plan on top of the trainer: which nets (each its preset's recipe), which
+seeds, and one factor `k = inception_steps / 31M` that multiplies every step count and decay
+interval, so the ratios between the nets stay the paper's. Each net is an ordinary training run
+(`keras_bn.train.engine.run.train`) in a folder of its own, so an interrupted experiment resumes
+net by net and every folder can be evaluated or resumed alone. docs/table2_summary.md says why
+each choice of the miniature was made.
 
-The miniature (the default; `docs/table2_summary.md` says why each choice): MNIST from the
-package at 75x75 (the zoo's smallest input), `depth_multiplier=0.25`, batch 32 as in the paper,
-no augmentation, evaluation every 100 steps on the first 2,000 test images. Time is scaled by one
-factor, `k = train_steps / 31M` (Inception's 31M steps become `train_steps`): every net's step
-count and the interval of its learning-rate decay are its preset's times `k`, so the ratios
-between the nets stay the paper's. With `dataset="tfds:imagenet2012"` the presets run at the
-paper's size, unchanged (`k = 1`).
+Example (the size the tests run; the defaults take 45 min on 2 cores)::
 
-Outputs in `model_dir`: `figure2.png` (accuracy against steps, every net, as Figure 2),
-`summary.md` (Table 2: steps to reach Inception's best accuracy, each net's own best, and the
-crop and ensemble evaluation), `table2.json` and `table2.csv` (the curves); each net's run folder
-(checkpoints, metrics.jsonl, config.json, summary.json) stays.
+    from keras_bn.train.experiments.table2 import Options, run_table2
 
-Example:
-
-```python
-from keras_bn.train.experiments.table2 import Options, run_table2
-
-result = run_table2(Options(model_dir="runs/table2"))
-print(result["nets"]["bn_x5"]["steps_to_inception_best"])
-```
+    options = Options("/tmp/t2", inception_steps=40, ensemble_size=1, eval_crops=(1,))
+    print(run_table2(options)["table"]["bn_x30"]["steps_to_inception_best"])
 """
 
 from __future__ import annotations
@@ -46,7 +30,6 @@ from typing import Any
 from keras_bn.train.config import presets
 from keras_bn.train.config import settings as config_lib
 from keras_bn.train.config.settings import POSITIVE, setting
-from keras_bn.train.evaluation import runs as evaluation
 from keras_bn.train.experiments.results import environment, first_step_at
 from keras_bn.train.messages import say
 from keras_bn.train.rundir.folder import RunDir, json_text, publish
@@ -108,21 +91,10 @@ MIN_PAPER_STEPS = 6_000_000
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What `--experiment=table2` takes (flag = field name).
+    """What `--experiment=table2` takes: flag = field name; each field's help says what it means.
 
-    Args:
-        model_dir: the experiment's folder.
-        dataset: "mnist" (the miniature) or "tfds:imagenet2012" (the paper's size).
-        data_dir: where TFDS finds the prepared dataset.
-        train_steps: Inception's step count; every other count scales with it (default:
-            5,000 in the miniature, the paper's 31M at full size).
-        eval_every: steps between evaluations (default: the miniature's 100, else the preset's).
-        eval_steps: evaluation batches (default: the miniature's 20 of 100 images).
-        model_kwargs: added to every net's (e.g. `depth_multiplier`).
-        seed: the first seed; the extra ensemble members take the next ones.
-        ensemble_size: BN-x30 runs in the ensemble (the first is Figure 2's).
-        eval_crops: crop counts of the final evaluation.
-        verbose: 0 silent, 1 about ten lines per net and an ETA, 2 a line per evaluation.
+    Only `inception_steps` and `ensemble_size` are this experiment's own flags; the others mean
+    what they mean for a training run, applied to every net.
     """
 
     model_dir: str
@@ -135,29 +107,48 @@ class Options:
         ),
     )
     data_dir: str | None = setting(None, "TFDS data directory")
-    train_steps: int | None = setting(None, "Inception's steps", check=POSITIVE)
-    eval_every: int | None = setting(None, "Steps between evaluations", check=POSITIVE)
-    eval_steps: int | None = setting(None, "Evaluation batches", check=POSITIVE)
+    inception_steps: int | None = setting(
+        None,
+        "Inception's training steps; every net's step count and learning-rate decay interval "
+        "scale with them (k = inception_steps / 31M)",
+        default_help="5,000 in the miniature, the paper's 31M at full size",
+        check=POSITIVE,
+    )
+    eval_every: int | None = setting(
+        None,
+        "Steps between evaluations",
+        default_help="100 in the miniature, else the preset's",
+        check=POSITIVE,
+    )
+    eval_steps: int | None = setting(
+        None, "Evaluation batches", default_help="20 of 100 images in the miniature", check=POSITIVE
+    )
     model_kwargs: dict = setting({}, "Added to every net's builder arguments")
-    seed: int = setting(0, "The first seed")
-    ensemble_size: int = setting(3, "BN-x30 runs in the ensemble", check=(lambda v: v >= 1, ">= 1"))
+    seed: int = setting(0, "The first seed; the ensemble's other members take the next ones")
+    ensemble_size: int = setting(
+        3,
+        "BN-x30 runs (seeds --seed, --seed+1, ...) in the section 4.3 ensemble; the first is "
+        "Figure 2's",
+        check=(lambda v: v >= 1, ">= 1"),
+    )
     eval_crops: tuple[int, ...] = setting((1, 10, 144), "Crop counts of the final evaluation")
-    verbose: int = setting(1, "0, 1 or 2")
+    verbose: int = setting(1, "0 silent, 1 about ten lines per net and an ETA, 2 every evaluation")
 
     @property
     def miniature(self) -> bool:
         return self.dataset == "mnist"
 
     @property
-    def inception_steps(self) -> int:
-        if self.train_steps is not None:
-            return self.train_steps
+    def inception_step_count(self) -> int:
+        """`inception_steps`, or its default for the scale."""
+        if self.inception_steps is not None:
+            return self.inception_steps
         return MINIATURE_INCEPTION_STEPS if self.miniature else PAPER_INCEPTION_STEPS
 
     @property
     def time_factor(self) -> float:
         """k: the miniature's steps per step of the paper."""
-        return self.inception_steps / PAPER_INCEPTION_STEPS
+        return self.inception_step_count / PAPER_INCEPTION_STEPS
 
     def check(self) -> None:
         """Raises ValueError for settings the experiment cannot run (their declarations)."""
@@ -316,7 +307,9 @@ def run_table2(options: Options) -> dict[str, Any]:
 
 
 def _run(options: Options) -> dict[str, Any]:
+    # TensorFlow loads here, not with the module: `--help` reads `Options` without it.
     from keras_bn.train.engine import run as experiment
+    from keras_bn.train.evaluation import runs as evaluation
 
     started = time.perf_counter()
     plan = runs(options)
@@ -326,7 +319,7 @@ def _run(options: Options) -> dict[str, Any]:
         say(
             f"table2: {len(plan)} runs in {options.model_dir}; "
             f"{'miniature: mnist 75x75' if options.miniature else 'the paper size'}, k = "
-            f"{options.time_factor:.3g} (Inception {options.inception_steps} steps); "
+            f"{options.time_factor:.3g} (Inception {options.inception_step_count} steps); "
             + ", ".join(f"{r.folder} {c.train_steps}" for r, c in pairs)
             + " steps"
         )

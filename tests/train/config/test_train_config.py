@@ -1,117 +1,11 @@
-"""Trainer flags, presets and configuration resolution (no training here)."""
+"""Settings, presets and configuration resolution (no training here)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from absl import flags as absl_flags
 
-from keras_bn.train.cli import flags as train_flags
 from keras_bn.train.config import presets
 from keras_bn.train.config import settings as config_lib
-
-
-def parse(*argv):
-    fv = absl_flags.FlagValues()
-    train_flags.define_flags(fv)
-    fv(["prog", *argv])
-    return fv
-
-
-# Flags -------------------------------------------------------------------------------------
-
-
-COMMANDS = {
-    # The console script pip installs next to this interpreter.
-    "console_script": [os.path.join(os.path.dirname(sys.executable), "keras-bn-train")],
-    "python_m": [sys.executable, "-m", "keras_bn.train"],
-}
-
-
-@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
-def test_help_shows_the_usage_and_every_trainer_flag(command):
-    proc = subprocess.run(
-        [*command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--experiment=figure1" in proc.stdout, proc.stderr[-3000:]  # the usage examples
-    for name in parse():
-        assert f"--{name}:" in proc.stdout or f"--[no]{name}:" in proc.stdout, name
-    headings = [line for line in proc.stdout.splitlines() if line.endswith(" flags:")]
-    assert headings == [f"{group.capitalize()} flags:" for group in train_flags.GROUPS]
-    assert "steps.; " not in proc.stdout  # the preset descriptions do not run together
-
-
-@pytest.mark.parametrize("command", COMMANDS.values(), ids=list(COMMANDS))
-def test_bare_command_prints_the_usage_and_exits_2(command):
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "--experiment=figure1" in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("keras-bn-train: error: no flags")
-
-
-def test_every_flag_is_in_exactly_one_help_group():
-    grouped = [name for names in train_flags.GROUPS.values() for name in names]
-    assert sorted(grouped) == sorted(parse()) and len(grouped) == len(set(grouped))
-
-
-def test_every_flag_has_help_and_config_flags_default_to_none():
-    fv = parse()
-    for name in config_lib.field_names():
-        if name == "preset":
-            continue
-        assert name in fv, f"no flag for config field {name}"
-        assert len(fv[name].help) > 10, name
-        assert fv[name].value is None, f"--{name} must default to None (the preset decides)"
-    for name in ("experiment", "preset", "cpu_replicas", "model_dir"):
-        assert fv[name].help
-
-
-def test_flags_are_exactly_the_settings_and_follow_their_declarations():
-    fv = parse()
-    experiment_flags = {"experiment", "cpu_replicas", "eval_crops", "ensemble_size"}
-    assert set(fv) == set(config_lib.field_names()) | experiment_flags
-    for name, field in config_lib.settings().items():
-        assert field.metadata["help"] in fv[name].help, name
-        if field.metadata["choices"] is not None:
-            assert fv[name].parser.enum_values == list(field.metadata["choices"]), name
-    assert config_lib.RESUMABLE_FIELDS == {
-        name for name, field in config_lib.settings().items() if field.metadata["resumable"]
-    }
-    assert "train_steps" in config_lib.RESUMABLE_FIELDS
-    assert "learning_rate" not in config_lib.RESUMABLE_FIELDS
-
-
-def test_explicit_values_are_the_flags_given_even_when_equal_to_the_default():
-    fv = parse("--preset=mnist_bn", "--batch_size=60", "--nobinarize", "--seed=3")
-    assert train_flags.explicit_values(fv) == {"batch_size": 60, "binarize": False, "seed": 3}
-    assert set(train_flags.present(fv)) == {"batch_size", "binarize", "seed", "preset"}
-
-
-def test_model_kwargs_are_python_literals_or_strings():
-    # DEFINE_list splits on commas, so tuples cannot be passed: a flag error when parsing.
-    with pytest.raises(absl_flags.IllegalFlagValueError, match="key=value"):
-        parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid,x=(1, 2)")
-    fv = parse("--model_kwargs=depth_multiplier=0.25,use_lrn=False,activation=sigmoid")
-    assert train_flags.explicit_values(fv)["model_kwargs"] == {
-        "depth_multiplier": 0.25,
-        "use_lrn": False,
-        "activation": "sigmoid",
-    }
-
-
-def test_unknown_preset_and_enum_values_are_flag_errors():
-    with pytest.raises(absl_flags.IllegalFlagValueError, match="mnist_bn"):
-        parse("--preset=mnist")
-    with pytest.raises(absl_flags.IllegalFlagValueError):
-        parse("--strategy=horovod")
-
 
 # Presets -----------------------------------------------------------------------------------
 

@@ -254,3 +254,30 @@ def test_killed_figure1_resumes_to_the_uninterrupted_curves(tmp_path):
     again = subprocess.run(_figure1_command(killed), capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout
+
+
+def test_every_panel_shows_its_curves_whole():
+    # A baseline that starts at chance and percentiles that drift: each main panel's limits
+    # hold every point of its curves (panel (a)'s inset zooms on purpose).
+    from keras_bn.train.experiments.figure1_plot import draw_figure1
+
+    steps = list(range(0, 10_001, 500))
+    rising = [min(0.97, 0.1 + 0.9 * s / 4000) for s in steps]
+    drift = {f"p{q}": [q / 10 - 9 - s / 1000 for s in steps] for q in (15, 50, 85)}
+    steady = {f"p{q}": [q / 50 - 1 for _ in steps] for q in (15, 50, 85)}
+    curves = {
+        "steps": steps,
+        "baseline": {"test_accuracy": rising, "sigmoid_input_percentiles": drift},
+        "bn": {
+            "test_accuracy": [0.9] + [0.98] * (len(steps) - 1),
+            "sigmoid_input_percentiles": steady,
+        },
+    }
+    panels = draw_figure1(curves).axes
+    assert len(panels) == 3
+    for ax in panels:
+        (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()
+        for line in ax.get_lines():
+            x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+            assert x.min() >= x_low and x.max() <= x_high, ax.get_title()
+            assert y.min() >= y_low and y.max() <= y_high, (ax.get_title(), y.min(), y_low)

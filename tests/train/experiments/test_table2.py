@@ -22,7 +22,7 @@ from keras_bn.train.experiments import results, table2
 # each for a few steps).
 TINY = [
     "--experiment=table2",
-    "--train_steps=40",
+    "--inception_steps=40",
     "--eval_every=20",
     "--eval_steps=1",
     "--ensemble_size=1",
@@ -82,7 +82,7 @@ def test_paper_size_runs_the_presets_unchanged():
     [
         ({"dataset": "synthetic"}, "mnist (the miniature) or tfds:imagenet2012"),
         ({"ensemble_size": 0}, "--ensemble_size must be >= 1"),
-        ({"train_steps": 0}, "--train_steps must be positive"),
+        ({"inception_steps": 0}, "--inception_steps must be positive"),
     ],
 )
 def test_options_that_cannot_run_are_refused(options, message):
@@ -202,14 +202,36 @@ def test_other_flags_and_a_different_experiment_are_refused(tmp_path, capsys):
     assert "--experiment=table2 does not use --batch_size" in cli_error(
         capsys, ["--experiment=table2", f"--model_dir={tmp_path}/a", "--batch_size=8"]
     )
-    assert "--eval_crops takes 1, 10 or 144" in cli_error(
-        capsys, ["--experiment=table2", f"--model_dir={tmp_path}/a", "--eval_crops=7"]
-    )
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text(json.dumps({"experiment": "figure1"}))
     assert "holds a run with different flags" in cli_error(
         capsys, ["--experiment=table2", f"--model_dir={tmp_path}/b"]
     )
+
+
+@pytest.mark.parametrize("experiment", ["table2", "evaluate"])
+def test_eval_crops_is_checked_once_for_every_experiment(experiment, tmp_path, capsys):
+    # One check, before anything runs: the same line for both experiments, and no folder made
+    # (evaluate would otherwise first fail on the missing run).
+    line = cli_error(
+        capsys, [f"--experiment={experiment}", f"--model_dir={tmp_path}/a", "--eval_crops=1,7"]
+    )
+    assert line.endswith("--eval_crops takes 1, 10 or 144 (comma-separated), got ['1', '7'].")
+    assert not (tmp_path / "a").exists()
+
+
+def test_train_steps_is_refused_with_the_option_table2_uses(tmp_path, capsys):
+    # --train_steps is one run's step count everywhere; table2 scales its nets from Inception's.
+    line = cli_error(
+        capsys, ["--experiment=table2", f"--model_dir={tmp_path}/a", "--train_steps=40"]
+    )
+    assert "--inception_steps" in line and "not --train_steps" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_inception_steps_sets_the_time_factor():
+    c = configs(inception_steps=31_000)  # k = 1/1000
+    assert c["inception"].train_steps == 31_000 and c["bn_x30"].train_steps == 6_000
 
 
 def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
@@ -219,7 +241,8 @@ def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
 
 
 def test_experiment_flags_are_refused_by_a_training_run(tmp_path, capsys):
-    assert "--eval_crops belong(s) to --experiment=evaluate|table2" in cli_error(
-        capsys, ["--preset=mnist_bn", f"--model_dir={tmp_path}/a", "--eval_crops=144"]
-    )
+    for flag in ("--eval_crops=144", "--inception_steps=40", "--ensemble_size=2"):
+        assert f"{flag.split('=')[0]} belong(s) to --experiment=evaluate|table2" in cli_error(
+            capsys, ["--preset=mnist_bn", f"--model_dir={tmp_path}/a", flag]
+        )
     assert not (tmp_path / "a").exists()
