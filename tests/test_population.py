@@ -7,8 +7,6 @@ paper's N_BN^tr) and applies the estimators' formulas to the per-batch statistic
 
 import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,6 +14,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from conftest import run_python  # noqa: E402
 
 from keras_bn import population  # noqa: E402
 from keras_bn.layer import BatchNormalization  # noqa: E402
@@ -462,19 +461,8 @@ print("REPORT " + json.dumps(report))
 @pytest.fixture(scope="module")
 def mirrored_report():
     """Runs MIRRORED_SCRIPT once (2 logical CPUs need a fresh interpreter)."""
-    env = dict(os.environ)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = tests_dir + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))
+    out = run_python(MIRRORED_SCRIPT)
+    line = next(line for line in out.splitlines() if line.startswith("REPORT "))
     report = json.loads(line[len("REPORT ") :])
     assert len(report) == 3
     return report
