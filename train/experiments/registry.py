@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from keras_bn.train.config.settings import setting
 from keras_bn.train.experiments import figure1 as figure1_lib
 from keras_bn.train.experiments import table2 as table2_lib
 from keras_bn.train.messages import PROG, RunError
-from keras_bn.train.rundir.folder import RunDir, check_writable, json_text
+from keras_bn.train.rundir.folder import RunDir, atomic_write_text, check_writable, json_text
 
 # --experiment=figure1 takes these flags (flag name -> run_figure1 argument), as its options
 # declare them.
@@ -112,6 +113,7 @@ def table2(given: Mapping[str, Any]) -> dict:
         options.check()
         check_writable(options.model_dir, "--model_dir")
         run_dir = RunDir(options.model_dir)
+        _rename_table2_steps(run_dir)
         claim = run_dir.claim(identity, json_text(identity))
     except (ValueError, OSError) as error:
         raise RunError(error) from None
@@ -124,6 +126,17 @@ def table2(given: Mapping[str, Any]) -> dict:
         finally:  # keep the folder once any net has a checkpoint to resume from
             if any(p.is_dir() for p in run_dir.path.glob("*/checkpoints")):
                 run_dir.commit()
+
+
+def _rename_table2_steps(run_dir: RunDir) -> None:
+    """Lets a table2 folder started before `--inception_steps` existed resume: its config.json
+    names the same option `train_steps` (it always meant Inception's step count there)."""
+    if not run_dir.config_path.exists():
+        return
+    saved = json.loads(run_dir.config_path.read_text())
+    if saved.get("experiment") == "table2" and "train_steps" in saved:
+        saved["inception_steps"] = saved.pop("train_steps")
+        atomic_write_text(run_dir.config_path, json_text(saved))
 
 
 @dataclasses.dataclass(frozen=True)

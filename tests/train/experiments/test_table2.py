@@ -12,7 +12,8 @@ from conftest import cli_error
 from keras_bn.train.cli.main import cli
 from keras_bn.train.config import presets
 from keras_bn.train.evaluation.runs import evaluate_runs, restore_run
-from keras_bn.train.experiments import results, table2
+from keras_bn.train.experiments import registry, results, table2
+from keras_bn.train.rundir.folder import RunDir, json_text
 
 # The tiny experiment: every net a few steps, BN-x30 alone in the ensemble (the ensemble of
 # several runs is checked on two of the nets below), 1 crop. Each net is cut after its first
@@ -227,6 +228,18 @@ def test_train_steps_is_refused_with_the_option_table2_uses(tmp_path, capsys):
     )
     assert "--inception_steps" in line and "not --train_steps" in line
     assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_from_before_inception_steps_resumes_under_the_new_name(tmp_path):
+    # Folders started when table2's option was still called train_steps keep resuming.
+    run_dir = RunDir(tmp_path / "t2")
+    run_dir.path.mkdir()
+    old = {"experiment": "table2", "train_steps": 40, "ensemble_size": 1}
+    run_dir.config_path.write_text(json_text(old))
+    registry._rename_table2_steps(run_dir)
+    saved = json.loads(run_dir.config_path.read_text())
+    assert saved == {"experiment": "table2", "inception_steps": 40, "ensemble_size": 1}
+    assert run_dir.check(saved) == saved
 
 
 def test_inception_steps_sets_the_time_factor():
