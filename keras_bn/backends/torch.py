@@ -18,6 +18,7 @@ import torch.distributed as dist
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from keras_bn import moments as moments_lib
+from keras_bn import transform
 
 FUSED_PATHS = (
     "PyTorch fuses feature axes that form one contiguous block, last or right after the batch "
@@ -89,15 +90,14 @@ def fusable(feature_axes, rank, virtual_batch_size) -> bool:
 
 def fused_plan(layer, inputs, mask, replicas, slices):
     """PyTorch's native batch-norm kernel (``torch.native_batch_norm``, forward and backward
-    in one pass each) where it computes the layer's transform: no mask, no renorm (whose r
-    and d would need a statistics pass of their own: 8x the plain path's time on small
-    inputs), local statistics (a rank's own; the moving statistics are still exchanged),
-    float32 statistics, more than one value per channel. Where the kernel's own running
+    in one pass each) where it computes the layer's transform: no mask, local statistics (a
+    rank's own; the moving statistics are still exchanged), float32 statistics, more than one
+    value per channel. Renorm runs it with gamma and beta corrected by r and d (which carry no
+    gradient), from one statistics pass of their own. Where the kernel's own running
     average is the layer's update (:func:`_kernel_updates_moving_statistics`), it moves the
     moving statistics too, and the plan returns no moments."""
     if (
         not layer.fused
-        or layer.renorm
         or mask is not None
         or (replicas is not None and layer.synchronized)
         or layer._statistics_dtype != "float32"
@@ -120,6 +120,7 @@ def _kernel_updates_moving_statistics(layer) -> bool:
     constraints, or a stateless call (whose variables must not change in place)."""
     return (
         layer.momentum is not None
+        and not layer.renorm  # renorm moves averages of its own too
         and layer.unbiased_variance
         and layer._statistics_observer is None
         and layer.moving_mean.constraint is None
@@ -159,11 +160,29 @@ def _native_training(layer, inputs):
     # lose digits when var << epsilon).
     mean = torch.zeros(channels, device=view.device)
     corrected = torch.ones(channels, device=view.device)
+    if layer.renorm:
+        gamma, beta = _renorm_corrected(layer, view, gamma, beta)
     y, _, _ = torch.native_batch_norm(view, gamma, beta, mean, corrected, True, 1.0, layer.epsilon)
     n = view.numel() // channels
     variance = corrected * ((n - 1) / n)
     count = torch.tensor(float(n), device=view.device)
     return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
+
+
+def _renorm_corrected(layer, view, gamma, beta):
+    """Batch Renormalization's ``(gamma * r, beta + gamma * d)`` for the kernel: ``r`` and ``d``
+    from the batch's biased moments (one pass; they carry no gradient, so the kernel's
+    backward through the corrected parameters is renorm's)."""
+    channels = view.shape[1]
+    with torch.no_grad():
+        variance, mean = torch.var_mean(view, dim=0 if view.dim() == 2 else (0, 2), correction=0)
+    correction = transform.renorm_correction(
+        mean, variance, layer.epsilon, layer._renorm_state([channels])
+    )
+    ones = torch.ones(channels, device=view.device)
+    gamma = ones if gamma is None else gamma
+    beta = torch.zeros_like(ones) if beta is None else beta
+    return transform.corrected_params(gamma, beta, correction)
 
 
 def _native_training_in_place(layer, inputs):
