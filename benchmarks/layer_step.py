@@ -40,8 +40,10 @@ time (header). A training step must move at least ``PASSES`` = 8 full tensors:
     backward  read dy and x for the two gradient sums (sum dy, sum dy * x)    2
               read dy and x, write dx                                          3
 
-(the per-channel vectors are negligible). Each row prints those bytes (``MB``, the tensor's
-actual dtype size), the floor time = bytes / bandwidth (= 4 copies), every implementation's
+(the per-channel vectors are negligible). The same copy is timed again in every row, interleaved
+with the row's steps so that load from other processes hits it alike; each row prints that
+bandwidth (``GB/s``), the bytes a step moves (``MB``, the tensor's actual dtype size), the floor
+time = bytes / bandwidth (= 4 copies), every implementation's
 milliseconds and its ratio to the floor (``/floor``), and ``ours/best``: ours over the fastest
 peer of the row (below 1 = ours is fastest).
 
@@ -79,6 +81,7 @@ SUITES["torch"] = SUITES["jax"]
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
 PASSES = 8  # full-tensor reads and writes of one training step (module docstring)
 EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every peer
+COPY = "(copy)"  # the bandwidth step's name among a row's steps
 
 
 def _parser():
@@ -273,9 +276,13 @@ def _make_step(layer, jit):
 
 def bench(shape, jit, repeats, suite="bn", warmup=3, place=None):
     """TensorFlow: {name: median ms} of one row."""
+    place = place or devices.placement("tensorflow", "cpu", "layer_step.py")
+    return _timed(_tf_steps(suite, shape, jit, place)[0], repeats, warmup)
+
+
+def _tf_steps(suite, shape, jit, place):
     import tensorflow as tf
 
-    place = place or devices.placement("tensorflow", "cpu", "layer_step.py")
     with place.scope():
         x, dy = (tf.constant(a) for a in _inputs(shape))
         steps = {}
@@ -286,7 +293,7 @@ def bench(shape, jit, repeats, suite="bn", warmup=3, place=None):
                 layer(x, training=True)  # tf_keras builds on first call
             fn = _make_step(layer, jit)
             steps[name] = lambda fn=fn: [t.numpy() for t in fn(x, dy)]
-        return _timed(steps, repeats, warmup)
+    return steps, []
 
 
 def onednn_state():
@@ -344,7 +351,7 @@ def _flax_step(x, dy, jit):
     return _jax_grad_step(loss, variables["params"], x, dy, variables["batch_stats"], jit)
 
 
-def _bench_jax(suite, shape, jit, args, place):
+def _jax_steps(suite, shape, jit, place):
     import jax
 
     with place.scope():
@@ -353,7 +360,7 @@ def _bench_jax(suite, shape, jit, args, place):
         steps = {name: _jax_step(layer, x, dy, jit) for name, layer in layers.items()}
         if "flax" in _native_peers(suite):
             steps["flax"] = _flax_step(x, dy, jit)
-    return _timed(steps, args.repeats), []
+    return steps, []
 
 
 # ---- PyTorch: eager, and torch.compile of the loss (Inductor compiles its backward too).
@@ -394,7 +401,7 @@ def _torch_nn_step(x_nhwc, dy_nhwc, compiled, place):
     return _torch_grad_step(bn, x, dy, [x, bn.weight, bn.bias], compiled, place)
 
 
-def _bench_torch(suite, shape, compiled, args, place):
+def _torch_steps(suite, shape, compiled, place):
     import torch
 
     with place.scope():
@@ -424,8 +431,7 @@ def _bench_torch(suite, shape, compiled, args, place):
         notes.insert(
             0, "first call (compilation) " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items())
         )
-    ms = _timed(steps, args.repeats)
-    return {name: ms.get(name, float("nan")) for name in columns(suite)}, notes
+    return steps, notes
 
 
 # ---- Output.
@@ -460,17 +466,17 @@ def _header(args, place):
 
 def _table_header(suite, column):
     names = columns(suite)
-    cells = ["suite", "shape", column, "MB", "floor ms"]
+    cells = ["suite", "shape", column, "GB/s", "MB", "floor ms"]
     cells += [f"{n} ms" for n in names] + [f"{n}/floor" for n in names]
     cells.append(("ours" if names[0] == "keras_bn" else names[0]) + "/best")
     return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells)
 
 
-def _row(suite, shape, compiled, moved_mb, floor, ms):
+def _row(suite, shape, compiled, bandwidth, moved_mb, floor, ms):
     ours, *peers = columns(suite)
     best = min((ms[n] for n in peers if ms[n] == ms[n]), default=float("nan"))  # nan: failed
     cells = [suite, ",".join(map(str, shape)), "on" if compiled else "off"]
-    cells += [f"{moved_mb:.1f}", f"{floor:.2f}"]
+    cells += [f"{bandwidth:.1f}", f"{moved_mb:.1f}", f"{floor:.2f}"]
     cells += [f"{ms[n]:.2f}" for n in ms] + [f"{ms[n] / floor:.1f}" for n in ms]
     cells.append(f"{ms[ours] / best:.2f}")
     return "| " + " | ".join(cells) + " |"
@@ -492,17 +498,20 @@ def main(argv=None):
     if args.backend == "jax" and "bn" in args.suite and _flax_missing():
         print(f"note: {_flax_missing()}")
     # The floor of each shape, measured now on the same device (module docstring).
-    floors = {}
     for shape in shapes:
         array = _inputs(shape)[0]
         bandwidth, copy_ms = copy_bandwidth(array, place, args.repeats)
-        floors[shape] = floor_ms(array, bandwidth)
+        moved, floor = floor_ms(array, bandwidth)
         print(
             f"memory: copy of {','.join(map(str, shape))} {array.dtype} "
             f"({array.nbytes / 1e6:.1f} MB) {copy_ms:.2f} ms = {bandwidth:.1f} GB/s "
-            f"(read + write); a step moves {PASSES} passes = {floors[shape][0]:.1f} MB, "
-            f"floor {floors[shape][1]:.2f} ms"
+            f"(read + write); a step moves {PASSES} passes = {moved:.1f} MB, "
+            f"floor {floor:.2f} ms"
         )
+    print(
+        "each row times the same copy again, interleaved with its steps: its GB/s and floor "
+        "are that row's"
+    )
     # The compilation column: XLA on TensorFlow, jax.jit, torch.compile.
     column = {"tensorflow": "xla", "jax": "jit", "torch": "compile"}[args.backend]
     modes = (False, True)
@@ -514,14 +523,16 @@ def main(argv=None):
         print(_table_header(suite, column), flush=True)
         for shape in shapes:
             for compiled in modes:
-                if args.backend == "tensorflow":
-                    ms = bench(shape, compiled, args.repeats, suite, place=place)
-                elif args.backend == "jax":
-                    ms, _ = _bench_jax(suite, shape, compiled, args, place)
-                else:
-                    ms, torch_notes = _bench_torch(suite, shape, compiled, args, place)
-                    notes += [f"torch.compile, {suite} {shape}: {note}" for note in torch_notes]
-                print(_row(suite, shape, compiled, *floors[shape], ms), flush=True)
+                make_steps = {"tensorflow": _tf_steps, "jax": _jax_steps, "torch": _torch_steps}
+                steps, row_notes = make_steps[args.backend](suite, shape, compiled, place)
+                notes += [f"torch.compile, {suite} {shape}: {note}" for note in row_notes]
+                array = _inputs(shape)[0]
+                steps[COPY] = _copy_step(array, place)
+                ms = _timed(steps, args.repeats)
+                bandwidth = 2 * array.nbytes / (ms.pop(COPY) * 1e-3) / 1e9
+                ms = {name: ms.get(name, float("nan")) for name in columns(suite)}
+                row = _row(suite, shape, compiled, bandwidth, *floor_ms(array, bandwidth), ms)
+                print(row, flush=True)
     if notes:
         print()
     for note in notes:

@@ -4,7 +4,9 @@ Builds the same network three times (`keras_bn.models.get("bn_inception", norm_l
 with our layer, with `keras.layers.BatchNormalization`, and with an identity in place of every
 BN layer. Each is compiled with SGD + momentum and sparse cross-entropy on logits, without and
 with compilation (`model.compile(jit_compile=...)`: XLA on TensorFlow; on JAX Keras's stateless
-train step under `jax.jit`, or op by op; on PyTorch eager, or the step under `torch.compile`),
+train step under `jax.jit`, or op by op; on PyTorch eager, or the step under `torch.compile`,
+which is opt-in: `--compile both|on`; on the 2-core CPU of docs/benchmarks.md, compiling even a
+net cut at Mixed_3b did not finish in 15 minutes under load),
 and `train_on_batch` is timed on one fixed synthetic batch placed on `--device`. The models are
 timed in alternating rounds so that load from other processes hits them alike; the table
 reports the median images/second over the rounds and the ratio ours / Keras's (> 1: ours is
@@ -22,7 +24,8 @@ multiplier 0.5, batch 8, finish in a few minutes on a 2-core CPU per backend):
 
     python benchmarks/model_step.py                      # TensorFlow, XLA off and on
     python benchmarks/model_step.py --backend jax        # jax.jit and eager
-    python benchmarks/model_step.py --backend torch      # eager and torch.compile
+    python benchmarks/model_step.py --backend torch      # eager
+    python benchmarks/model_step.py --backend torch --compile both   # and torch.compile (slow)
     python benchmarks/model_step.py --image_size=224 --depth_multiplier=1 --rounds=5 --steps=3
     python benchmarks/model_step.py --backend torch --device cuda --mixed_precision
     python benchmarks/model_step.py --compare fused --compile off   # TF: kernel vs XLA formulation
@@ -67,8 +70,9 @@ def _parser():
         "--xla",
         dest="compile",
         choices=["both", "off", "on"],
-        default="both",
-        help="compilation: XLA (TensorFlow), jax.jit (JAX), torch.compile (PyTorch)",
+        default=None,
+        help="compilation: XLA (TensorFlow), jax.jit (JAX), torch.compile (PyTorch); default "
+        "both, but off on PyTorch (torch.compile of the whole step takes over 15 minutes here)",
     )
     parser.add_argument("--mixed_precision", action="store_true", help="mixed_float16 policy")
     parser.add_argument("--no-identity", action="store_true", help="skip the identity net")
@@ -90,6 +94,8 @@ def _parse_args(argv=None):
     for name in ("batch_size", "warmup", "rounds", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1.")
+    if args.compile is None:
+        args.compile = "off" if args.backend == "torch" else "both"
     if args.compare == "fused" and args.backend != "tensorflow":
         parser.error("--compare fused runs on TensorFlow only.")
     return args
