@@ -43,9 +43,10 @@ time (header). A training step must move at least ``PASSES`` = 8 full tensors:
 (the per-channel vectors are negligible). The same copy is timed again in every row, interleaved
 with the row's steps so that load from other processes hits it alike; each row prints that
 bandwidth (``GB/s``), the bytes a step moves (``MB``, the tensor's actual dtype size), the floor
-time = bytes / bandwidth (= 4 copies), every implementation's
-milliseconds and its ratio to the floor (``/floor``), and ``ours/best``: ours over the fastest
-peer of the row (below 1 = ours is fastest).
+time = bytes / bandwidth (= 4 copies), every implementation's milliseconds and its ratio to the
+floor (``/floor``), and ``ours/best``: ours over the fastest peer of the row (below 1 = ours is
+fastest). A tensor of a few tens of MB may sit in a large last-level cache: the copy then measures
+the bandwidth a step of that size actually sees.
 
 Suites: ``bn`` (plain BN: ours and every peer above), ``renorm`` (Batch Renormalization: ours
 against Keras 3's ``renorm=True``; Flax and torch.nn have none), ``ghost`` (TensorFlow: ghost
@@ -272,12 +273,6 @@ def _make_step(layer, jit):
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
     return tf.function(step, jit_compile=jit)
-
-
-def bench(shape, jit, repeats, suite="bn", warmup=3, place=None):
-    """TensorFlow: {name: median ms} of one row."""
-    place = place or devices.placement("tensorflow", "cpu", "layer_step.py")
-    return _timed(_tf_steps(suite, shape, jit, place)[0], repeats, warmup)
 
 
 def _tf_steps(suite, shape, jit, place):
