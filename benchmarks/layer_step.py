@@ -1,41 +1,68 @@
-"""Training-step speed of one BN layer: keras_bn vs keras.layers.BatchNormalization
-(and tf_keras's fused layer when installed), same inputs, same run.
+"""Training-step speed of one BN layer against every peer on its backend, and the memory floor.
 
 Each step is forward + backward (gradients w.r.t. the input, gamma and beta) plus the
-moving-statistics update, compiled with tf.function, with and without XLA. Implementations
-are interleaved within each repetition so machine noise hits all of them alike.
+moving-statistics update, with and without compilation (XLA / ``jax.jit`` / ``torch.compile``).
+All implementations of a row run in one process, interleaved within each repetition, so machine
+noise hits them alike; the table gives median milliseconds per step.
 
-    python benchmarks/layer_step.py            # all shapes, ~3 minutes on 2 CPU cores
+    python benchmarks/layer_step.py            # TensorFlow, all shapes, ~3 minutes on 2 CPU cores
     python benchmarks/layer_step.py --repeats 50 --shapes 32,28,28,192
     python benchmarks/layer_step.py --suite renorm ghost --shapes 32,28,28,192 4096,1024
     python benchmarks/layer_step.py --suite fused
     python benchmarks/layer_step.py --backend jax --shapes 32,28,28,192 4096,1024
     python benchmarks/layer_step.py --backend torch --suite bn renorm --no-compile
+    python benchmarks/layer_step.py --backend torch --device cuda
 
-Suites: ``bn`` (plain BN: ours, Keras 3, tf_keras), ``renorm`` (Batch Renormalization: ours
-against Keras 3's ``renorm=True``), ``ghost`` (ghost batches of a quarter of the batch: ours
-against tf_keras's ``virtual_batch_size``), ``fused`` (our layer with each fused implementation
-forced: FusedBatchNormV3 against the XLA formulation; what the default of
-``keras_bn.backends.tensorflow`` rests on).
+Peers (the columns after ours), per backend:
 
-``--backend jax|torch`` runs the ``bn`` and ``renorm`` suites (ours against Keras's own layer;
-``ghost`` and ``fused`` are TensorFlow's) in a process of that backend (KERAS_BACKEND is set from
-``--backend`` before Keras is imported; the default is tensorflow, whatever the environment says).
-JAX: one step is ``jax.value_and_grad`` of ``layer.stateless_call`` (the moving statistics come
-back as the new non-trainable values, fed to the next step), ``jax.jit``-compiled or run eagerly
-(op by op). PyTorch: eager ``layer(x, training=True)`` and ``torch.autograd.grad``, and the same
-forward under ``torch.compile`` (Inductor compiles the backward too; the first call's compile time
-is printed, a layer that fails to compile is named with the error and its column reads nan;
-``--no-compile`` skips it).
+- TensorFlow: Keras 3's layer and tf_keras's (``fused=None``; when ``tf_keras`` is installed),
+  one ``tf.function`` step each, with and without ``jit_compile``.
+- JAX: Keras 3's layer (``jax.value_and_grad`` of ``layer.stateless_call``, the moving statistics
+  carried to the next step) and Flax's ``nn.BatchNorm`` (linen; when ``flax`` is installed, else
+  the header says so): ``jax.value_and_grad`` of ``apply(..., mutable=["batch_stats"])`` w.r.t.
+  the input and scale/bias, the new statistics carried. Jitted, and eager (op by op).
+- PyTorch: Keras 3's layer and ``torch.nn.BatchNorm2d`` (4-D: on the same NHWC data, viewed as
+  NCHW with ``torch.channels_last`` strides, no copy) / ``torch.nn.BatchNorm1d`` (2-D), column
+  ``torch.nn``: ``torch.autograd.grad`` of the loss w.r.t. the input, weight and bias. Eager, and
+  the loss under ``torch.compile`` (Inductor compiles its backward too; the first call's compile
+  time is printed, an implementation that fails to compile is named with the error and reads
+  nan; ``--no-compile`` skips it).
 
-Prints the median milliseconds per step and the ratio of the first column to each other one
-(below 1 = the first is faster).
-Targets (2-core CPU): ``bn``: ours <= 0.6x Keras 3 without XLA on the 4-D shapes, <= 1.0x with
-XLA and on the dense shape; ``renorm``: <= 0.6x Keras 3 without XLA, <= 1.0x with XLA;
-``ghost``: <= 1.0x tf_keras.
-The header says whether TensorFlow runs its oneDNN kernels: where it does not (its default on
-some CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` turns them on), FusedBatchNormV3 is slow on a CPU and our
-layer uses its XLA formulation outside XLA as well (docs/benchmarks.md).
+The same epsilon (1e-3) and momentum (0.99, torch's 0.01) everywhere.
+
+The memory floor. Before the rows, the script times a copy (read + write, a fresh output each
+time: ``tf.raw_ops.DeepCopy``, ``jnp.copy``, ``Tensor.clone``) of a tensor of each shape and
+dtype, on the benchmark's device, median of ``--repeats``; bandwidth = 2 x tensor bytes / copy
+time (header). A training step must move at least ``PASSES`` = 8 full tensors:
+
+    forward   read x for the statistics (one pass: sum and sum of squares)   1
+              read x, write y                                                  2
+    backward  read dy and x for the two gradient sums (sum dy, sum dy * x)    2
+              read dy and x, write dx                                          3
+
+(the per-channel vectors are negligible). The same copy is timed again in every row, interleaved
+with the row's steps so that load from other processes hits it alike; each row prints that
+bandwidth (``GB/s``), the bytes a step moves (``MB``, the tensor's actual dtype size), the floor
+time = bytes / bandwidth (= 4 copies), every implementation's milliseconds and its ratio to the
+floor (``/floor``), and ``ours/best``: ours over the fastest peer of the row (below 1 = ours is
+fastest). A tensor of a few tens of MB may sit in a large last-level cache: the copy then measures
+the bandwidth a step of that size actually sees.
+
+Suites: ``bn`` (plain BN: ours and every peer above), ``renorm`` (Batch Renormalization: ours
+against Keras 3's ``renorm=True``; Flax and torch.nn have none), ``ghost`` (TensorFlow: ghost
+batches of a quarter of the batch, ours against tf_keras's ``virtual_batch_size``), ``fused``
+(TensorFlow: our layer with each fused implementation forced, FusedBatchNormV3 against the XLA
+formulation; what the default of ``keras_bn.backends.tensorflow`` rests on).
+
+``--backend`` selects the Keras backend (KERAS_BACKEND is set from it before Keras is imported;
+the default is tensorflow, whatever the environment says). ``--device`` (devices.py): cpu, or
+gpu/cuda; the header prints the device used; a missing one is a one-line error, exit 2. The
+tables are Markdown, ready to paste into docs/benchmarks.md.
+
+Targets (issue 22): every row at or below its best peer, and on 4-D shapes the compiled rows at
+most 2x the floor. The header says whether TensorFlow runs its oneDNN kernels: where it does not
+(its default on some CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` turns them on), FusedBatchNormV3 is slow on
+a CPU and our layer uses its XLA formulation outside XLA as well (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -46,15 +73,22 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import devices  # noqa: E402  (this folder)
+
 BACKENDS = ("tensorflow", "jax", "torch")
 SUITES = {"tensorflow": ("bn", "renorm", "ghost", "fused"), "jax": ("bn", "renorm")}
 SUITES["torch"] = SUITES["jax"]
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
+PASSES = 8  # full-tensor reads and writes of one training step (module docstring)
+EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every peer
+COPY = "(copy)"  # the bandwidth step's name among a row's steps
 
 
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
+    devices.add_device_flag(parser)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
         "--no-compile", action="store_true", help="PyTorch: eager only, no torch.compile"
@@ -67,8 +101,9 @@ def _parser():
 
 
 if __name__ == "__main__":
-    # Keras reads its backend once, at import: set it from the command line first.
-    os.environ["KERAS_BACKEND"] = _parser().parse_known_args()[0].backend
+    # Keras reads its backend (and torch device) once, at import: set them first.
+    _known = _parser().parse_known_args()[0]
+    devices.configure_environment(_known.backend, _known.device)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -84,14 +119,27 @@ class XlaFormulationBN(keras_bn.BatchNormalization):
     _tf_fused_implementation = "xla"  # read by keras_bn.backends.tensorflow
 
 
+def _tf_keras():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    try:
+        import tf_keras
+    except ImportError:
+        return None
+    return tf_keras
+
+
+def _flax_missing():
+    """Why the Flax column is absent (None when flax imports)."""
+    try:
+        import flax.linen  # noqa: F401
+    except ImportError as error:
+        return f"flax is not installed ({error}; pip install flax), its column is left out"
+    return None
+
+
 def _implementations(suite, batch):
-    """{name: layer factory}; the first is ours, the others the anchors of the ratios."""
-    tf_keras = None
-    if keras.backend.backend() == "tensorflow":
-        try:
-            import tf_keras
-        except ImportError:
-            pass
+    """{name: Keras layer factory}; the first is ours, the others peers."""
     if suite == "renorm":
         return {
             "keras_bn": lambda: keras_bn.BatchNormalization(renorm=True),
@@ -102,6 +150,7 @@ def _implementations(suite, batch):
             "kernel": lambda: keras_bn.BatchNormalization(fused=True),
             "xla": XlaFormulationBN,
         }
+    tf_keras = _tf_keras()
     if suite == "ghost":
         if tf_keras is None:
             raise SystemExit("the ghost suite needs tf_keras (pip install tf_keras)")
@@ -114,6 +163,21 @@ def _implementations(suite, batch):
     if tf_keras is not None:
         impls["tf_keras"] = lambda: tf_keras.layers.BatchNormalization(fused=None)
     return impls
+
+
+def _native_peers(suite):
+    """The peers that are not Keras layers, on this backend: flax (JAX), torch.nn (PyTorch)."""
+    if suite != "bn":
+        return []
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return [] if _flax_missing() else ["flax"]
+    return ["torch.nn"] if backend == "torch" else []
+
+
+def columns(suite):
+    """Every implementation of a suite's rows, ours first."""
+    return list(_implementations(suite, 4)) + _native_peers(suite)
 
 
 def _inputs(shape):
@@ -145,6 +209,56 @@ def _timed(steps, repeats, warmup=3):
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+# ---- The memory floor: a copy of the benchmark's tensor with the backend's own ops.
+
+
+def _copy_step(array, place):
+    """A blocking step that copies `array` (on the device) into a fresh output."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with place.scope():
+            x = tf.constant(array)
+
+        def step():
+            with place.scope():
+                tf.raw_ops.DeepCopy(x=x)
+            place.sync()
+
+        return step
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        x = jax.device_put(array, place.handle)
+        probe = jnp.copy(x)
+        if probe.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
+            raise RuntimeError("jnp.copy returned its input's buffer: not a copy")
+        return lambda: jnp.copy(x).block_until_ready()
+    import torch
+
+    x = torch.from_numpy(array).to(place.handle)
+
+    def step():
+        x.clone()
+        place.sync()
+
+    return step
+
+
+def copy_bandwidth(array, place, repeats):
+    """(GB/s, copy ms): median over `repeats` copies of `array` on the device, read + write."""
+    ms = _timed({"copy": _copy_step(array, place)}, repeats)["copy"]
+    return 2 * array.nbytes / (ms * 1e-3) / 1e9, ms
+
+
+def floor_ms(array, bandwidth):
+    """(MB a training step moves, the floor milliseconds at `bandwidth` GB/s)."""
+    moved = PASSES * array.nbytes
+    return moved / 1e6, moved / (bandwidth * 1e9) * 1e3
+
+
 # ---- TensorFlow: tf.function, with and without XLA.
 
 
@@ -161,27 +275,20 @@ def _make_step(layer, jit):
     return tf.function(step, jit_compile=jit)
 
 
-def bench(shape, jit, repeats, suite="bn", warmup=3):
+def _tf_steps(suite, shape, jit, place):
     import tensorflow as tf
 
-    x, dy = (tf.constant(a) for a in _inputs(shape))
-    steps = {}
-    for name, make in _implementations(suite, shape[0]).items():
-        layer = make()
-        layer.build(shape)
-        if name == "tf_keras":
-            layer(x, training=True)  # tf_keras builds on first call
-        steps[name] = _make_step(layer, jit)
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        for _ in range(warmup):
-            _ = [t.numpy() for t in step(x, dy)]
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            _ = [t.numpy() for t in step(x, dy)]
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    with place.scope():
+        x, dy = (tf.constant(a) for a in _inputs(shape))
+        steps = {}
+        for name, make in _implementations(suite, shape[0]).items():
+            layer = make()
+            layer.build(shape)
+            if name == "tf_keras":
+                layer(x, training=True)  # tf_keras builds on first call
+            fn = _make_step(layer, jit)
+            steps[name] = lambda fn=fn: [t.numpy() for t in fn(x, dy)]
+    return steps, []
 
 
 def onednn_state():
@@ -193,64 +300,116 @@ def onednn_state():
     return "on" if tf_backend.onednn_enabled() else "off"
 
 
-# ---- JAX: value_and_grad of stateless_call, jitted or eager.
+# ---- JAX: value_and_grad of stateless_call (and of Flax's apply), jitted or eager.
+
+
+def _jax_grad_step(loss, params, x, dy, state, jit):
+    """A blocking step: gradients of ``loss(params, x, dy, state) -> (value, new state)``
+    w.r.t. the parameters and x; the new state is carried to the next step."""
+    import jax
+
+    grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    grads = jax.jit(grads) if jit else grads
+    carried = {"state": state}
+
+    def step():
+        (_, carried["state"]), gradients = grads(params, x, dy, carried["state"])
+        jax.block_until_ready((gradients, carried["state"]))
+
+    return step
 
 
 def _jax_step(layer, x, dy, jit):
-    """A blocking step: gradients w.r.t. x, gamma and beta; the moving statistics carried."""
-    import jax
     import jax.numpy as jnp
 
     def loss(trainable, x, dy, non_trainable):
         y, non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
         return jnp.sum(y * dy), non_trainable
 
-    grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    grads = jax.jit(grads) if jit else grads
     trainable = [v.value for v in layer.trainable_variables]
-    state = {"non_trainable": [v.value for v in layer.non_trainable_variables]}
-
-    def step():
-        (_, state["non_trainable"]), gradients = grads(trainable, x, dy, state["non_trainable"])
-        jax.block_until_ready((gradients, state["non_trainable"]))
-
-    return step
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    return _jax_grad_step(loss, trainable, x, dy, non_trainable, jit)
 
 
-def _bench_jax(suite, shape, jit, args):
+def _flax_step(x, dy, jit):
+    import flax.linen as nn
+    import jax
     import jax.numpy as jnp
 
-    x, dy = (jnp.asarray(a) for a in _inputs(shape))
-    layers = _built_layers(suite, shape)
-    steps = {name: _jax_step(layer, x, dy, jit) for name, layer in layers.items()}
-    return _timed(steps, args.repeats)
+    bn = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, axis=-1)
+    variables = bn.init(jax.random.PRNGKey(0), x)
+
+    def loss(params, x, dy, stats):
+        y, updates = bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.sum(y * dy), updates["batch_stats"]
+
+    return _jax_grad_step(loss, variables["params"], x, dy, variables["batch_stats"], jit)
 
 
-# ---- PyTorch: eager, and torch.compile of the forward (Inductor compiles its backward too).
+def _jax_steps(suite, shape, jit, place):
+    import jax
+
+    with place.scope():
+        x, dy = (jax.device_put(a, place.handle) for a in _inputs(shape))
+        layers = _built_layers(suite, shape)
+        steps = {name: _jax_step(layer, x, dy, jit) for name, layer in layers.items()}
+        if "flax" in _native_peers(suite):
+            steps["flax"] = _flax_step(x, dy, jit)
+    return steps, []
 
 
-def _torch_step(layer, x, dy, compiled):
+# ---- PyTorch: eager, and torch.compile of the loss (Inductor compiles its backward too).
+
+
+def _torch_grad_step(forward, x, dy, wrt, compiled, place):
     import torch
 
     def loss(x, dy):
-        return torch.sum(layer(x, training=True) * dy)
+        return torch.sum(forward(x) * dy)
 
     loss = torch.compile(loss) if compiled else loss
-    wrt = [x] + [v.value for v in layer.trainable_variables]
 
     def step():
         torch.autograd.grad(loss(x, dy), wrt)
+        place.sync()
 
     return step
 
 
-def _bench_torch(suite, shape, compiled, args):
+def _torch_nn_step(x_nhwc, dy_nhwc, compiled, place):
+    """torch.nn.BatchNorm2d on the NHWC data viewed as NCHW (channels_last strides, no copy),
+    BatchNorm1d on 2-D data."""
     import torch
 
-    x, dy = (torch.from_numpy(a) for a in _inputs(shape))
-    x.requires_grad_(True)
-    layers = _built_layers(suite, shape)
-    steps = {name: _torch_step(layer, x, dy, compiled) for name, layer in layers.items()}
+    channels = x_nhwc.shape[-1]
+    if x_nhwc.dim() == 4:
+        x = x_nhwc.detach().permute(0, 3, 1, 2).requires_grad_(True)
+        dy = dy_nhwc.permute(0, 3, 1, 2)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        bn = torch.nn.BatchNorm2d(channels, eps=EPSILON, momentum=1 - MOMENTUM)
+    elif x_nhwc.dim() == 2:
+        x, dy = x_nhwc, dy_nhwc
+        bn = torch.nn.BatchNorm1d(channels, eps=EPSILON, momentum=1 - MOMENTUM)
+    else:
+        raise SystemExit(f"torch.nn peer: 2-D or 4-D shapes only, not {tuple(x_nhwc.shape)}")
+    bn = bn.to(place.handle).train()
+    return _torch_grad_step(bn, x, dy, [x, bn.weight, bn.bias], compiled, place)
+
+
+def _torch_steps(suite, shape, compiled, place):
+    import torch
+
+    with place.scope():
+        x, dy = (torch.from_numpy(a).to(place.handle) for a in _inputs(shape))
+        x.requires_grad_(True)
+        layers = _built_layers(suite, shape)
+        steps = {}
+        for name, layer in layers.items():
+            forward = lambda x, layer=layer: layer(x, training=True)
+            wrt = [x] + [v.value for v in layer.trainable_variables]
+            steps[name] = _torch_grad_step(forward, x, dy, wrt, compiled, place)
+        if "torch.nn" in _native_peers(suite):
+            steps["torch.nn"] = _torch_nn_step(x, dy, compiled, place)
     notes = []
     if compiled:  # the first call compiles: timed apart, and shown
         seconds = {}
@@ -267,33 +426,55 @@ def _bench_torch(suite, shape, compiled, args):
         notes.insert(
             0, "first call (compilation) " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items())
         )
-    ms = _timed(steps, args.repeats)
-    return {name: ms.get(name, float("nan")) for name in layers}, notes
+    return steps, notes
 
 
-def _header(args):
+# ---- Output.
+
+
+def _header(args, place):
     backend = keras.backend.backend()
-    cpus = f"{os.cpu_count()} CPUs"
+    common = f"device {place.name}, {os.cpu_count()} CPUs, median of {args.repeats} steps"
     if backend == "tensorflow":
         import tensorflow as tf
 
         return (
             f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-            f"{cpus}, oneDNN {onednn_state()}, median of {args.repeats} steps"
+            f"oneDNN {onednn_state()}, {common}"
         )
     if backend == "jax":
         import jax
 
-        return (
-            f"JAX {jax.__version__} ({jax.default_backend()}), Keras {keras.__version__}, "
-            f"{cpus}, median of {args.repeats} steps"
-        )
+        flax = "flax not installed"
+        if not _flax_missing():
+            import flax
+
+            flax = f"Flax {flax.__version__}"
+        return f"JAX {jax.__version__}, {flax}, Keras {keras.__version__}, {common}"
     import torch
 
     return (
         f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Keras {keras.__version__}, {cpus}, median of {args.repeats} steps"
+        f"Keras {keras.__version__}, {common}"
     )
+
+
+def _table_header(suite, column):
+    names = columns(suite)
+    cells = ["suite", "shape", column, "GB/s", "MB", "floor ms"]
+    cells += [f"{n} ms" for n in names] + [f"{n}/floor" for n in names]
+    cells.append(("ours" if names[0] == "keras_bn" else names[0]) + "/best")
+    return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells)
+
+
+def _row(suite, shape, compiled, bandwidth, moved_mb, floor, ms):
+    ours, *peers = columns(suite)
+    best = min((ms[n] for n in peers if ms[n] == ms[n]), default=float("nan"))  # nan: failed
+    cells = [suite, ",".join(map(str, shape)), "on" if compiled else "off"]
+    cells += [f"{bandwidth:.1f}", f"{moved_mb:.1f}", f"{floor:.2f}"]
+    cells += [f"{ms[n]:.2f}" for n in ms] + [f"{ms[n] / floor:.1f}" for n in ms]
+    cells.append(f"{ms[ours] / best:.2f}")
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv=None):
@@ -306,36 +487,49 @@ def main(argv=None):
     unsupported = sorted(set(args.suite) - set(SUITES[args.backend]))
     if unsupported:
         raise SystemExit(f"--suite {' '.join(unsupported)} runs on TensorFlow only")
-    print(_header(args))
+    place = devices.placement(args.backend, args.device, "layer_step.py")
+    shapes = [tuple(int(d) for d in spec.split(",")) for spec in args.shapes]
+    print(_header(args, place))
+    if args.backend == "jax" and "bn" in args.suite and _flax_missing():
+        print(f"note: {_flax_missing()}")
+    # The floor of each shape, measured now on the same device (module docstring).
+    for shape in shapes:
+        array = _inputs(shape)[0]
+        bandwidth, copy_ms = copy_bandwidth(array, place, args.repeats)
+        moved, floor = floor_ms(array, bandwidth)
+        print(
+            f"memory: copy of {','.join(map(str, shape))} {array.dtype} "
+            f"({array.nbytes / 1e6:.1f} MB) {copy_ms:.2f} ms = {bandwidth:.1f} GB/s "
+            f"(read + write); a step moves {PASSES} passes = {moved:.1f} MB, "
+            f"floor {floor:.2f} ms"
+        )
+    print(
+        "each row times the same copy again, interleaved with its steps: its GB/s and floor "
+        "are that row's"
+    )
     # The compilation column: XLA on TensorFlow, jax.jit, torch.compile.
     column = {"tensorflow": "xla", "jax": "jit", "torch": "compile"}[args.backend]
-    width = max(6, len(column) + 2)
     modes = (False, True)
     if args.backend == "torch" and args.no_compile:
         modes = (False,)
     notes = []
     for suite in args.suite:
-        ours, *anchors = names = list(_implementations(suite, 4))
-        label = "ours" if ours == "keras_bn" else ours
-        print(
-            f"{'suite':<8}{'shape':<18}{column:<{width}}"
-            + "".join(f"{n + ' ms':>14}" for n in names)
-            + "".join(f"{label + '/' + n:>15}" for n in anchors)
-        )
-        for spec in args.shapes:
-            shape = tuple(int(d) for d in spec.split(","))
-            for jit in modes:
-                if args.backend == "tensorflow":
-                    ms = bench(shape, jit, args.repeats, suite)
-                elif args.backend == "jax":
-                    ms = _bench_jax(suite, shape, jit, args)
-                else:
-                    ms, torch_notes = _bench_torch(suite, shape, jit, args)
-                    notes += [f"torch.compile, {suite} {shape}: {note}" for note in torch_notes]
-                row = f"{suite:<8}{str(shape):<18}{str(jit):<{width}}"
-                row += "".join(f"{v:>14.2f}" for v in ms.values())
-                row += "".join(f"{ms[ours] / ms[n]:>15.2f}" for n in anchors)
+        print()
+        print(_table_header(suite, column), flush=True)
+        for shape in shapes:
+            for compiled in modes:
+                make_steps = {"tensorflow": _tf_steps, "jax": _jax_steps, "torch": _torch_steps}
+                steps, row_notes = make_steps[args.backend](suite, shape, compiled, place)
+                notes += [f"torch.compile, {suite} {shape}: {note}" for note in row_notes]
+                array = _inputs(shape)[0]
+                steps[COPY] = _copy_step(array, place)
+                ms = _timed(steps, args.repeats)
+                bandwidth = 2 * array.nbytes / (ms.pop(COPY) * 1e-3) / 1e9
+                ms = {name: ms.get(name, float("nan")) for name in columns(suite)}
+                row = _row(suite, shape, compiled, bandwidth, *floor_ms(array, bandwidth), ms)
                 print(row, flush=True)
+    if notes:
+        print()
     for note in notes:
         print(note)
     if args.backend == "torch" and args.no_compile:
