@@ -504,9 +504,11 @@ def _load_tfds(config: TrainConfig) -> tuple[DataSpec, _Source]:
     except Exception as error:  # tfds raises AssertionError when the data is not there
         # Not TFDS's own advice: it says to pass download=True, which this trainer never does.
         where = config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+        # The usual cause is TFDS's AssertionError (not prepared); name any other.
+        cause = "" if isinstance(error, AssertionError) else f" ({type(error).__name__})"
         raise DatasetUnavailableError(
             f"--dataset={config.dataset} is not available offline: it is not prepared in "
-            f"{where} ({type(error).__name__}); {how_to}."
+            f"{where}{cause}; {how_to}."
         ) from error
     num_classes = config.num_classes or getattr(label_feature, "num_classes", None)
     if not num_classes:
