@@ -193,7 +193,8 @@ def _native_training_in_place(layer, inputs):
     not change under it), written back where finite: a channel whose new value is not finite
     (a non-finite batch statistic) keeps its old value, as the layer's update keeps it."""
     view, gamma, beta = _kernel_input(layer, inputs)
-    variables = (layer.moving_mean.value, layer.moving_variance.value)
+    # Flat views: the kernel takes length-C buffers, the variables have the features' shape.
+    variables = (layer.moving_mean.value.view(-1), layer.moving_variance.value.view(-1))
     running = [value.clone() for value in variables]
     y, _, _ = torch.native_batch_norm(
         view, gamma, beta, *running, True, 1.0 - layer.momentum, layer.epsilon

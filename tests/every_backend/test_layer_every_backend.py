@@ -369,8 +369,9 @@ def test_float64_statistics_or_a_warning_where_the_backend_has_none():
         ((16, 5), -1, {}),
         ((4, 3, 3, 6), -1, {"renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}}),
         ((4, 6, 3, 3), 1, {"momentum": None}),
+        ((4, 3, 3, 6), [-2, -1], {}),
     ],
-    ids=["dense", "nhwc_renorm", "nchw_cumulative"],
+    ids=["dense", "nhwc_renorm", "nchw_cumulative", "two_feature_axes"],
 )
 def test_the_fast_path_equals_the_plain_path(shape, axis, kwargs):
     results = []
