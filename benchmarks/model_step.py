@@ -110,7 +110,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from layer_step import XlaFormulationBN, onednn_state  # noqa: E402  (this folder)
+from layer_step import XlaFormulationBN, onednn_state, own_code  # noqa: E402  (this folder)
 
 import keras_bn  # noqa: E402
 from keras_bn import models  # noqa: E402
@@ -138,7 +138,7 @@ def comparison(compare, identity=True):
     return layers
 
 
-def _build(norm_layer, jit_compile, args):
+def _build(name, norm_layer, jit_compile, args):
     model = models.get(
         "bn_inception",
         norm_layer=norm_layer,
@@ -153,6 +153,14 @@ def _build(norm_layer, jit_compile, args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
+    if jit_compile and keras.backend.backend() == "torch":
+        # Keras compiles every model's step from one closure; Dynamo would let one net's
+        # entries serve the other's calls (layer_step.own_code): a frame of its own per net.
+        import torch
+
+        model.make_train_function()
+        step = model.train_function._torchdynamo_orig_callable
+        model.train_function = torch.compile(own_code(step, name))
     return model
 
 
@@ -184,7 +192,7 @@ def run(args, place):
         built, first_s, rates, notes = {}, {}, {name: [] for name in layers}, []
         with place.scope():
             for name, layer in layers.items():
-                built[name] = _build(layer, jit_compile, args)
+                built[name] = _build(name, layer, jit_compile, args)
                 try:
                     first_s[name] = _timed_steps(built[name], images, labels, 1)
                 except Exception as error:  # noqa: BLE001  (reported, and the row goes on)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_python
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 COMPILE_COLUMN = {"tensorflow": "xla", "jax": "jit", "torch": "compile"}
@@ -142,6 +143,48 @@ def test_benchmarks_print_floor_and_every_peer(backend):
         "first step s (keras_bn / keras / identity)",
     ], model_out
     assert [r[0] for r in rows] == (["off"] if backend == "torch" else ["off", "on"]), model_out
+
+
+def test_torch_compile_runs_each_implementation_as_one_graph():
+    """layer_step.py's compiled PyTorch rows: our layer's step is one graph, as torch.nn's is.
+
+    The row's implementations once shared one ``loss`` closure, so Dynamo's entry for Keras's
+    layer (which graph-breaks) also served our call: two graphs with the output written and
+    read between them. Counted with a backend that records each graph's call, not timed."""
+    pytest.importorskip("torch")
+    out = run_python(
+        f"""
+        import sys
+        sys.path.insert(0, {BENCHMARKS!r})
+        import torch
+
+        calls = []
+
+        def counting(graph, example_inputs):
+            def run(*args):
+                calls.append(1)
+                return graph.forward(*args)
+
+            return run
+
+        compile_ = torch.compile
+        torch.compile = lambda function, **kwargs: compile_(function, backend=counting, **kwargs)
+        import devices
+        import layer_step
+
+        place = devices.placement("torch", "cpu", "test")
+        steps, _ = layer_step._torch_steps("bn", (8, 4, 4, 8), True, place)
+        for name, step in steps.items():
+            step()  # compiles
+            calls.clear()
+            step()
+            print(name, len(calls))
+        """,
+        env={"KERAS_BACKEND": "torch"},
+    )
+    graphs = dict(line.split() for line in out.splitlines())
+    assert graphs["keras_bn"] == "1" and graphs["torch.nn"] == "1", out
+    assert int(graphs["keras3"]) > 1, out  # Keras's layer graph-breaks: the case that leaked
 
 
 def test_missing_device_is_one_line_error():
