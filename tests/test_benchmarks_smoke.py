@@ -1,10 +1,11 @@
-"""Smoke test of benchmarks/layer_step.py and model_step.py on every backend.
+"""Smoke test of benchmarks/layer_step.py, model_step.py and compiler_floor.py on every backend.
 
 Each script runs as a script (its own process, the backend set from ``--backend``) on tiny
 shapes with one repetition, and the test checks the structure of what it prints: the memory
 bandwidth and floor, every peer's column (or the printed reason a peer is absent), the ratio
 columns, one row per shape and compilation mode. Never a time: the numbers are noise here.
-PyTorch runs without torch.compile (compiling takes tens of seconds per model on a CPU).
+PyTorch's layer and model steps run without torch.compile (compiling takes tens of seconds per
+model on a CPU); compiler_floor.py, which times compiled steps only, compiles the tiny shapes.
 """
 
 import os
@@ -88,10 +89,11 @@ def test_benchmarks_print_floor_and_every_peer(backend):
     if backend == "torch":
         layer_args.append("--no-compile")
         model_args += ["--compile", "off"]
-    # Both scripts at once: most of their time is importing the backend.
+    # The scripts at once: most of their time is importing the backend.
     layer = _start("layer_step.py", backend, *layer_args)
     model = _start("model_step.py", backend, *model_args)
-    layer_out, model_out = _finish(layer), _finish(model)
+    floor = _start("compiler_floor.py", backend, *LAYER_ARGS)
+    layer_out, model_out, floor_out = _finish(layer), _finish(model), _finish(floor)
 
     # layer_step.py: the bandwidth and floor of each shape, then one table per suite.
     for shape in ("8,4,4,8", "16,8"):
@@ -128,6 +130,8 @@ def test_benchmarks_print_floor_and_every_peer(backend):
     if backend == "torch":
         assert "torch.compile skipped (--no-compile)" in layer_out
 
+    _check_compiler_floor(backend, floor_out)
+
     # model_step.py: ours, Keras's and the identity net, the ratio and the BN shares.
     assert "bn_inception train step" in model_out and "device " in model_out, model_out
     (table,) = _tables(model_out)
@@ -143,6 +147,26 @@ def test_benchmarks_print_floor_and_every_peer(backend):
         "first step s (keras_bn / keras / identity)",
     ], model_out
     assert [r[0] for r in rows] == (["off"] if backend == "torch" else ["off", "on"]), model_out
+
+
+def _check_compiler_floor(backend, out):
+    """compiler_floor.py: one row per shape, the four kernels, the sum and every implementation
+    of the bn suite, each over the compiler floor."""
+    names = _expected_layer_columns(backend, "bn", out)
+    (table,) = _tables(out)
+    header, *rows = table
+    kernels = ["stats", "loss", "grad sums", "dx"]
+    assert header == [
+        "shape",
+        "copy floor ms",
+        *[f"{k} ms (GB/s)" for k in kernels],
+        "compiler floor ms (/ copy floor)",
+        *[f"{n} ms (/ compiler floor)" for n in names],
+    ], out
+    assert [r[0] for r in rows] == ["8,4,4,8", "16,8"], out
+    for row in rows:
+        assert re.fullmatch(r"[\d.]+", row[1]), row
+        assert all(re.fullmatch(r"[\d.]+ \([\d.]+x?\)|nan \(nan\)", c) for c in row[2:]), row
 
 
 def test_torch_compile_runs_each_implementation_as_one_graph():
