@@ -197,6 +197,10 @@ def test_figure1_ctrl_c_is_one_line_and_exit_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        # As a terminal's foreground job: a shell starts background jobs (`pytest ... &`, as
+        # some CI runners do) with SIGINT ignored, the child inherits that, and Python then
+        # never turns SIGINT into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
