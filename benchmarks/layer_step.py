@@ -54,7 +54,9 @@ Suites: ``bn`` (plain BN: ours and every peer above), ``renorm`` (Batch Renormal
 against Keras 3's ``renorm=True``; Flax and torch.nn have none), ``ghost`` (TensorFlow: ghost
 batches of a quarter of the batch, ours against tf_keras's ``virtual_batch_size``), ``fused``
 (TensorFlow: our layer with each fused implementation forced, FusedBatchNormV3 against the XLA
-formulation; what the default of ``keras_bn.backends.tensorflow`` rests on).
+formulation; what the default of ``keras_bn.backends.tensorflow`` rests on), ``masked`` (every
+backend: a Keras mask of ``shape[:-1]`` keeping 80% of the positions, ours against Keras 3's
+layer given the same mask; torch.nn and Flax are left out).
 
 ``--backend`` selects the Keras backend (KERAS_BACKEND is set from it before Keras is imported;
 the default is tensorflow, whatever the environment says). ``--device`` (devices.py): cpu, or
@@ -80,7 +82,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import devices  # noqa: E402  (this folder)
 
 BACKENDS = ("tensorflow", "jax", "torch")
-SUITES = {"tensorflow": ("bn", "renorm", "ghost", "fused"), "jax": ("bn", "renorm")}
+SUITES = {
+    "tensorflow": ("bn", "renorm", "ghost", "fused", "masked"),
+    "jax": ("bn", "renorm", "masked"),
+}
 SUITES["torch"] = SUITES["jax"]
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
 PASSES = 8  # full-tensor reads and writes of one training step (module docstring)
@@ -143,6 +148,8 @@ def _flax_missing():
 
 def _implementations(suite, batch):
     """{name: Keras layer factory}; the first is ours, the others peers."""
+    if suite == "masked":
+        return {"keras_bn": keras_bn.BatchNormalization, "keras3": keras.layers.BatchNormalization}
     if suite == "renorm":
         return {
             "keras_bn": lambda: keras_bn.BatchNormalization(renorm=True),
@@ -267,13 +274,20 @@ def floor_ms(array, bandwidth):
 # ---- TensorFlow: tf.function, with and without XLA.
 
 
-def _make_step(layer, jit):
+def _mask(suite, shape):
+    """The ``masked`` suite's Keras mask (``shape[:-1]``, 80% kept, fixed), else None."""
+    if suite != "masked":
+        return None
+    return np.random.default_rng(1).random(shape[:-1]) < 0.8
+
+
+def _make_step(layer, jit, mask=None):
     import tensorflow as tf
 
     def step(x, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=True)
+            y = layer(x, training=True, mask=mask)
             loss = tf.reduce_sum(y * dy)
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
@@ -285,13 +299,15 @@ def _tf_steps(suite, shape, jit, place):
 
     with place.scope():
         x, dy = (tf.constant(a) for a in _inputs(shape))
+        mask = _mask(suite, shape)
+        mask = None if mask is None else tf.constant(mask)
         steps = {}
         for name, make in _implementations(suite, shape[0]).items():
             layer = make()
             layer.build(shape)
             if name == "tf_keras":
                 layer(x, training=True)  # tf_keras builds on first call
-            fn = _make_step(layer, jit)
+            fn = _make_step(layer, jit, mask)
             steps[name] = lambda fn=fn: [t.numpy() for t in fn(x, dy)]
     return steps, []
 
@@ -324,11 +340,13 @@ def _jax_grad_step(loss, params, x, dy, state, jit):
     return step
 
 
-def _jax_step(layer, x, dy, jit):
+def _jax_step(layer, x, dy, jit, mask=None):
     import jax.numpy as jnp
 
     def loss(trainable, x, dy, non_trainable):
-        y, non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
+        y, non_trainable = layer.stateless_call(
+            trainable, non_trainable, x, training=True, mask=mask
+        )
         return jnp.sum(y * dy), non_trainable
 
     trainable = [v.value for v in layer.trainable_variables]
@@ -357,7 +375,9 @@ def _jax_steps(suite, shape, jit, place):
     with place.scope():
         x, dy = (jax.device_put(a, place.handle) for a in _inputs(shape))
         layers = _built_layers(suite, shape)
-        steps = {name: _jax_step(layer, x, dy, jit) for name, layer in layers.items()}
+        mask = _mask(suite, shape)
+        mask = None if mask is None else jax.device_put(mask, place.handle)
+        steps = {name: _jax_step(layer, x, dy, jit, mask) for name, layer in layers.items()}
         if "flax" in _native_peers(suite):
             steps["flax"] = _flax_step(x, dy, jit)
     return steps, []
@@ -426,9 +446,11 @@ def _torch_steps(suite, shape, compiled, place):
         x, dy = (torch.from_numpy(a).to(place.handle) for a in _inputs(shape))
         x.requires_grad_(True)
         layers = _built_layers(suite, shape)
+        mask = _mask(suite, shape)
+        mask = None if mask is None else torch.from_numpy(mask).to(place.handle)
         steps = {}
         for name, layer in layers.items():
-            forward = lambda x, layer=layer: layer(x, training=True)
+            forward = lambda x, layer=layer: layer(x, training=True, mask=mask)
             wrt = [x] + [v.value for v in layer.trainable_variables]
             steps[name] = _torch_grad_step(forward, x, dy, wrt, compiled, place, name)
         if "torch.nn" in _native_peers(suite):

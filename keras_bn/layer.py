@@ -52,9 +52,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     - Moving statistics stay identical on every replica or device, and equal the global
       batch's update, in both modes.
     - ``axis`` may be a list of axes. A fast training transform runs on every backend (see
-      ``fused``): on TensorFlow whenever the feature axes are a contiguous block first or last
-      and there is no mask, for any rank, locally, across replicas, with renorm and (feature
-      axes last) ghost batches.
+      ``fused``): on TensorFlow whenever the feature axes are a contiguous block first or last,
+      for any rank, locally, across replicas, with renorm and (feature axes last) ghost
+      batches or masks.
 
     Data parallelism, backend by backend (the same meaning of ``synchronized`` everywhere):
 
@@ -129,10 +129,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
             XLA formulation elsewhere and always inside an XLA-compiled step, where XLA would
             lower the kernel with ``E[x^2] - E[x]^2``); ``True`` FusedBatchNormV3 outside XLA
             (needs ``epsilon >= 1.001e-5``); ``False`` plain ops. Across replicas and for ghost
-            batches the fused path is the XLA formulation. On JAX the fast path is the
+            batches the fused path is the XLA formulation, and for masked inputs with the
+            feature axes last (local statistics, not renorm) an XLA-compiled transform with a
+            closed-form backward. On JAX the fast path is the
             transform with a closed-form backward (a ``jax.custom_vjp``; any axes, masks and
             renorm, not ghost batches); on PyTorch it is the native batch-norm kernel (feature
-            axes first or last, no mask, local statistics). ``fused=True`` where no fast path
+            axes first or last, no mask, local statistics, renorm too) and, for masked inputs
+            with the feature axes last (not renorm), the transform with a closed-form backward
+            (a ``torch.autograd.Function``). ``fused=True`` where no fast path
             can run is a ValueError at build. After build, ``layer.fused`` says whether the
             training transform runs fused, as tf-keras reports it. All paths give the same
             results to float rounding.

@@ -24,7 +24,11 @@ LAYER_ARGS = ["--shapes", "8,4,4,8", "16,8", "--repeats", "1"]
 MODEL_ARGS = "--image_size 75 --depth_multiplier 0.1 --final_endpoint Conv2d_1a_7x7"
 MODEL_ARGS = MODEL_ARGS.split() + "--batch_size 2 --num_classes 4 --rounds 1 --steps 1".split()
 # Every suite on TensorFlow; on JAX and PyTorch `renorm` runs the same step code as `bn`.
-SUITES = {"tensorflow": ["bn", "renorm", "ghost", "fused"], "jax": ["bn"], "torch": ["bn"]}
+SUITES = {
+    "tensorflow": ["bn", "renorm", "ghost", "fused", "masked"],
+    "jax": ["bn", "masked"],
+    "torch": ["bn", "masked"],
+}
 
 
 def _start(script, backend, *args):

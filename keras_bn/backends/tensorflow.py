@@ -338,8 +338,7 @@ def _params_and_input_grads(
 @tf.function(jit_compile=True)
 def _xla_forward(x3, gamma, beta, epsilon, renorm):
     x = tf.cast(x3, tf.float32)
-    axes = _reduction_axes(x)
-    mean = tf.reduce_mean(x, axes)
+    mean = _channel_sums(x) / _count(x)
     squares = _channel_sums(tf.math.squared_difference(x, _per_channel(mean, x)))
     variance = squares / _count(x)
     y, correction = _corrected_affine(x, mean, variance, gamma, beta, epsilon, renorm)
@@ -624,12 +623,19 @@ def fusable(feature_axes, rank, virtual_batch_size) -> bool:
 
 def fused_plan(layer, inputs, mask, replicas, slices):
     """The fused training transform for this call, as a function of no argument, or None
-    where the plain ``keras.ops`` path runs (masks, float64, ``fused=False``)."""
-    if mask is not None or slices != 1:
+    where the plain ``keras.ops`` path runs (float64, ``fused=False``; masks with the features
+    first, with renorm, ghost batches or synchronized statistics)."""
+    if slices != 1:
         return None
     implementation = _implementation(layer, inputs.dtype.name)
     if implementation is None:
         return None
+    if mask is not None:
+        if replicas is not None or layer.renorm or layer.virtual_batch_size is not None:
+            return None
+        if layer._fused_layout != "NHWC":
+            return None
+        return lambda: masked_training(layer, inputs, mask)
     return lambda: fused_training(layer, inputs, replicas, implementation)
 
 
@@ -693,6 +699,60 @@ def fused_training(layer, inputs, replicas, implementation):
     outputs, mean, variance = batch_norm_training(*args, implementation, renorm)
     count = moments_lib.values_per_statistic(inputs, layer._reduction_axes)
     return outputs, Moments(count, mean, variance), []
+
+
+def masked_training(layer, inputs, mask):
+    """Alg. 1 over the entries ``mask`` keeps (features last), as one XLA-compiled forward and
+    one XLA-compiled closed-form backward (the formula of
+    ``keras_bn.backends.torch._MaskedNormalization``): every entry is normalized with the kept
+    entries' statistics, masked values (even inf or nan) stay out of them, and an empty channel
+    gets mean 0 and variance 0, as on the plain path. Returns ``(outputs, moments, [])``."""
+    channels = math.prod(layer._param_shape)
+    gamma = tf.reshape(layer.gamma, [channels]) if layer.scale else tf.ones([channels])
+    beta = tf.reshape(layer.beta, [channels]) if layer.center else tf.zeros([channels])
+    x2 = tf.reshape(inputs, [-1, channels])
+    keep = tf.reshape(mask, [-1, channels])
+    epsilon = tf.constant(layer.epsilon, tf.float32)
+
+    @tf.custom_gradient
+    def training(x2, gamma, beta):
+        y2, count, mean, variance = _xla_masked_forward(x2, keep, gamma, beta, epsilon)
+
+        def grad(dy2, d_count, d_mean, d_variance):
+            # The statistics only feed the moving statistics (no gradient).
+            del d_count, d_mean, d_variance
+            return _xla_masked_backward(dy2, x2, keep, count, mean, variance, gamma, epsilon)
+
+        return (y2, count, mean, variance), grad
+
+    y2, count, mean, variance = training(x2, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32))
+    return tf.reshape(y2, tf.shape(inputs)), Moments(count, mean, variance), []
+
+
+@tf.function(jit_compile=True)
+def _xla_masked_forward(x2, keep, gamma, beta, epsilon):
+    x = tf.cast(x2, tf.float32)
+    count = _channel_sums(tf.cast(keep, tf.float32))
+    safe = tf.maximum(count, 1.0)
+    mean = _channel_sums(tf.where(keep, x, 0.0)) / safe
+    centered = x - mean
+    variance = _channel_sums(tf.square(tf.where(keep, centered, 0.0))) / safe
+    y = centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta
+    return tf.cast(y, x2.dtype), count, mean, variance
+
+
+@tf.function(jit_compile=True)
+def _xla_masked_backward(dy2, x2, keep, count, mean, variance, gamma, epsilon):
+    x, dy = tf.cast(x2, tf.float32), tf.cast(dy2, tf.float32)
+    centered = x - mean
+    inverse = tf.math.rsqrt(variance + epsilon)
+    scale = inverse * gamma
+    d_beta = tf.reduce_sum(dy, 0)
+    d_gamma = _channel_sums(dy * centered) * inverse  # sum(dy * x_hat)
+    per_entry = scale / tf.maximum(count, 1.0)
+    correction = per_entry * d_beta + centered * (per_entry * d_gamma * inverse)
+    dx = dy * scale - tf.where(keep, correction, 0.0)
+    return tf.cast(dx, x2.dtype), d_gamma, d_beta
 
 
 def has_float64() -> bool:

@@ -95,15 +95,20 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     value per channel. Renorm runs it with gamma and beta corrected by r and d (which carry no
     gradient), from one statistics pass of their own. Where the kernel's own running
     average is the layer's update (:func:`_kernel_updates_moving_statistics`), it moves the
-    moving statistics too, and the plan returns no moments."""
+    moving statistics too, and the plan returns no moments. A mask (features last, no renorm)
+    runs :class:`_MaskedNormalization`, the transform with a closed-form backward."""
     if (
         not layer.fused
-        or mask is not None
         or (replicas is not None and layer.synchronized)
         or layer._statistics_dtype != "float32"
         or inputs.dtype not in _DTYPES
-        or inputs.numel() <= math.prod(layer._param_shape)  # n <= 1: n/(n-1) undefined
     ):
+        return None
+    if mask is not None:
+        if layer.renorm or layer._fused_layout != "NHWC":
+            return None
+        return lambda: _masked_training(layer, inputs, mask)
+    if inputs.numel() <= math.prod(layer._param_shape):  # n <= 1: n/(n-1) undefined
         return None
     if _kernel_updates_moving_statistics(layer):
         return lambda: _native_training_in_place(layer, inputs)
@@ -203,6 +208,65 @@ def _native_training_in_place(layer, inputs):
         for variable, new in zip(variables, running):
             variable.copy_(torch.where(torch.isfinite(new), new, variable))
     return y.reshape(inputs.shape), None, None
+
+
+class _MaskedNormalization(torch.autograd.Function):
+    """Alg. 1 over the entries a mask keeps, with a closed-form backward.
+
+    ``x`` is ``[A, C]``, ``mask`` ``[A, C]`` or ``[A, 1]`` (one flag per row, Keras's mask).
+    Every entry is normalized with the statistics of the kept ones, so for ``g = dy * gamma``
+    and ``x_hat = (x - mean) / sqrt(var + eps)``::
+
+        dx = (g - kept / n * (sum(g) + x_hat * sum(g * x_hat))) / sqrt(var + eps)
+
+    with the sums over every entry of a channel (the outputs of masked entries depend on the
+    statistics too) and ``n`` the channel's count of kept entries. ``where`` keeps masked
+    values out of the statistics even when they are inf or nan, as on the plain path; an empty
+    channel gets mean 0 and variance 0. Autodiff of the plain path takes about 4.6x the time
+    of the unmasked kernel on a CPU; this takes a handful of elementwise passes."""
+
+    @staticmethod
+    def forward(ctx, x, mask, gamma, beta, epsilon):
+        count = torch.sum(mask, dim=0, dtype=x.dtype).expand(x.shape[1])
+        safe = torch.clamp(count, min=1.0)
+        mean = torch.sum(torch.where(mask, x, 0.0), dim=0) / safe
+        centered = x - mean
+        # The sum of squares without writing them: a norm reads its input once.
+        variance = torch.linalg.vector_norm(torch.where(mask, centered, 0.0), dim=0) ** 2 / safe
+        inverse = torch.rsqrt(variance + epsilon)
+        scale = inverse if gamma is None else inverse * gamma
+        y = centered * scale if beta is None else torch.addcmul(beta, centered, scale)
+        ctx.save_for_backward(centered, mask, safe, inverse, gamma)
+        ctx.has_beta = beta is not None
+        ctx.mark_non_differentiable(count, mean, variance)
+        return y, count, mean, variance
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        centered, mask, safe, inverse, gamma = ctx.saved_tensors
+        dbeta = torch.sum(dy, dim=0)
+        dgamma = torch.sum(dy * centered, dim=0) * inverse  # sum(dy * x_hat)
+        scale = inverse if gamma is None else inverse * gamma
+        # dx = scale * dy - kept * (scale / n) * (sum(dy) + x_hat * sum(dy * x_hat)),
+        # gamma's factors folded into per-channel vectors: three full-size passes.
+        per_entry = scale / safe
+        correction = torch.addcmul(per_entry * dbeta, centered, per_entry * dgamma * inverse)
+        dx = torch.where(mask, correction, 0.0).neg_().addcmul_(dy, scale)
+        dgamma = None if gamma is None else dgamma
+        return dx, None, dgamma, dbeta if ctx.has_beta else None, None
+
+
+def _masked_training(layer, inputs, mask):
+    """``(outputs, moments, group axes)`` of :class:`_MaskedNormalization` (features last)."""
+    channels = math.prod(layer._param_shape)
+    x = inputs if inputs.dtype == torch.float32 else inputs.float()
+    view = x.reshape(-1, channels)
+    # Keras's mask (inputs.shape[:-1]) arrives broadcast over the channels: keep it per row.
+    flags = mask[..., :1] if mask.stride(-1) == 0 else mask
+    flags = flags.reshape(view.shape[0], -1)
+    gamma, beta = _vector(layer.gamma, layer.scale), _vector(layer.beta, layer.center)
+    y, count, mean, variance = _MaskedNormalization.apply(view, flags, gamma, beta, layer.epsilon)
+    return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
 
 
 def settled_renorm_state(state):

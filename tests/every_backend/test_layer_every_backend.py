@@ -382,3 +382,32 @@ def test_the_fast_path_equals_the_plain_path(shape, axis, kwargs):
         results.append((*gradients(layer, x, dy), *_state(layer)))
     for fast, plain in zip(*results):
         np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,mask_kind",
+    [((6, 5, 4), "rows"), ((24, 5), "entries"), ((24, 5), "empty_channel"), ((6, 5, 4), "nan")],
+)
+def test_masked_fast_path_equals_the_plain_path(shape, mask_kind):
+    """Masked inputs (PyTorch's closed form; the plain path elsewhere) against the plain path:
+    Keras's per-row mask, a mask per entry, a channel with every entry masked, and masked
+    entries holding nan and inf (kept out of the statistics by ``where``)."""
+    rng = np.random.default_rng(7)
+    mask = rng.random(shape[:-1] if mask_kind in ("rows", "nan") else shape) < 0.7
+    if mask_kind == "empty_channel":
+        mask[:, 2] = False
+    kept = np.broadcast_to(mask[..., None], shape) if mask.ndim < len(shape) else mask
+    results = []
+    for fused in (None, False):
+        layer, x, dy, *_ = _setup(shape, -1, None, seed=5, fused=fused, momentum=0.5)
+        if mask_kind == "nan":
+            x = np.where(kept, x, np.where(rng.random(shape) < 0.5, np.nan, np.inf))
+            x = x.astype(np.float32)
+        y, dx, dgamma, dbeta = gradients(layer, x, dy, mask)
+        # Masked entries that hold nan or inf give nan/inf outputs on every path: the kept ones
+        # are compared, and the parameters' gradients (sums over every output) are nan on both.
+        results.append((y[kept], dx[kept], dgamma, dbeta, *_state(layer)))
+    for fast, plain in zip(*results):
+        np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(plain))
+        finite = np.isfinite(plain)
+        np.testing.assert_allclose(fast[finite], plain[finite], rtol=1e-5, atol=1e-5)
