@@ -373,7 +373,14 @@ def test_float64_statistics_or_a_warning_where_the_backend_has_none():
         ((8, 3, 3, 6), -1, {"virtual_batch_size": 2}),
         ((16, 5), -1, {"virtual_batch_size": 4, "momentum": None}),
     ],
-    ids=["dense", "nhwc_renorm", "nchw_cumulative", "two_feature_axes", "ghost", "ghost_cumulative"],
+    ids=[
+        "dense",
+        "nhwc_renorm",
+        "nchw_cumulative",
+        "two_feature_axes",
+        "ghost",
+        "ghost_cumulative",
+    ],
 )
 def test_the_fast_path_equals_the_plain_path(shape, axis, kwargs):
     results = []
