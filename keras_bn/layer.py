@@ -132,8 +132,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             batches the fused path is the XLA formulation, and for masked inputs with the
             feature axes last (local statistics, not renorm) an XLA-compiled transform with a
             closed-form backward. On JAX the fast path is the
-            transform with a closed-form backward (a ``jax.custom_vjp``; any axes, masks and
-            renorm, not ghost batches); on PyTorch it is the native batch-norm kernel (feature
+            transform with a closed-form backward (a ``jax.custom_vjp``; any axes, masks,
+            renorm and ghost batches); on PyTorch it is the native batch-norm kernel (feature
             axes first or last, no mask, local statistics, renorm too) and, for masked inputs
             with the feature axes last (not renorm), the transform with a closed-form backward
             (a ``torch.autograd.Function``). ``fused=True`` where no fast path

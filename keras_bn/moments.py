@@ -126,10 +126,12 @@ class Groups:
     """The batch axis of the inputs split into groups with statistics of their own.
 
     The view is ``[slices, (ghost,) rest, ...]``: ``slices`` contiguous blocks of the batch
-    (device slices of a JAX data-parallel batch; 1 otherwise), then, with ghost batches, each
-    block of ``M`` examples as ``[virtual_batch_size, M / virtual_batch_size]`` with statistics
-    over the first of the two (tf-keras's strided grouping). Statistics are taken over the
-    ghost axis (or the block's examples) and the non-feature axes.
+    (device slices of a JAX data-parallel batch), then, with ghost batches, each block of ``M``
+    examples as ``[virtual_batch_size, M / virtual_batch_size]`` with statistics over the first
+    of the two (tf-keras's strided grouping). Statistics are taken over the ghost axis (or the
+    block's examples) and the non-feature axes. With one slice the slices axis is left out:
+    ghost batches alone are ``[ghost, rest, ...]`` (with a leading unit axis, XLA:CPU computed
+    a dense input's ghost sums about 70x slower: 140 against 2 ms on (4096, 1024)).
 
     Args:
         slices: number of contiguous blocks of the batch (devices).
@@ -146,6 +148,11 @@ class Groups:
     @property
     def trivial(self) -> bool:
         return self.slices == 1 and self.ghost_size is None
+
+    @property
+    def _sliced(self) -> bool:
+        """Whether the view has the slices axis (not for one slice with ghost batches)."""
+        return not self.trivial and (self.slices > 1 or self.ghost_size is None)
 
     def check(self, batch):
         """Raises a ValueError naming both sizes when the batch does not split evenly."""
@@ -169,9 +176,10 @@ class Groups:
             return x
         self.check(x.shape[0])
         if x.shape[0] is None and self.dynamic_check is not None and self.slices == 1:
-            return ops.expand_dims(self.dynamic_check(x, self.ghost_size), 0)
+            return self.dynamic_check(x, self.ghost_size)
         rest = list(x.shape[1:]) if None not in x.shape[1:] else list(ops.shape(x)[1:])
-        lead = [self.slices] + ([self.ghost_size] if self.ghost_size is not None else [])
+        lead = [self.slices] if self._sliced else []
+        lead += [self.ghost_size] if self.ghost_size is not None else []
         return ops.reshape(x, lead + [-1] + rest)
 
     def merge(self, y, like):
@@ -184,14 +192,15 @@ class Groups:
     @property
     def lead(self) -> int:
         """Axes the view puts before the input's own axes (minus the batch axis)."""
-        return 0 if self.trivial else (1 + (self.ghost_size is not None))
+        return int(self._sliced) + (self.ghost_size is not None)
 
     def axes(self, axes: list[int]) -> list[int]:
         """Statistics axes in the view, from the input's reduction ``axes`` (which hold 0)."""
         if self.trivial:
             return axes
         if self.ghost_size is not None:
-            return [1] + [a + 2 for a in axes if a != 0]
+            ghost = int(self._sliced)
+            return [ghost] + [a + ghost + 1 for a in axes if a != 0]
         return [a + 1 for a in axes]
 
     def shape(self, shape: list) -> list:
@@ -202,7 +211,9 @@ class Groups:
         """Axes of the statistics' layout that index groups (device slice, ghost batch)."""
         if self.trivial:
             return []
-        return [0, 2] if self.ghost_size is not None else [0]
+        if self.ghost_size is None:
+            return [0]
+        return [0, 2] if self._sliced else [1]
 
 
 def local_moments(x, axes, mask=None) -> Moments:

@@ -21,7 +21,7 @@ import keras
 from keras_bn import moments as moments_lib
 from keras_bn import transform
 
-FUSED_PATHS = "JAX's closed-form training transform does not run ghost batches"
+FUSED_PATHS = "JAX's closed-form training transform runs every configuration"
 
 
 def replica_group():
@@ -55,17 +55,17 @@ def replicated(value):
 
 
 def fusable(feature_axes, rank, virtual_batch_size) -> bool:
-    """The closed-form path takes any feature axes; ghost batches run plain ops."""
-    return virtual_batch_size is None
+    """The closed-form path takes any feature axes, masks, renorm and ghost batches."""
+    return True
 
 
 def fused_plan(layer, inputs, mask, replicas, slices):
     """The transform with a closed-form backward (:func:`_closed_form_training`) for every
-    call but ghost batches and ``fused=False``: local statistics (each device slice's, no
+    call but ``fused=False``: local statistics (each device slice's or ghost batch's, no
     collective either way) or, with ``synchronized=True`` over a batch sharded on several
     devices, global ones with one collective forward and one backward (left to XLA's
     partitioner, the plain reductions take 2 forward and 4 backward)."""
-    if not layer.fused or layer.virtual_batch_size is not None:
+    if not layer.fused:
         return None
     devices = device_slices()
     synced = layer.synchronized and devices > 1
@@ -76,10 +76,11 @@ def fused_plan(layer, inputs, mask, replicas, slices):
 
 def _closed_form_training(layer, inputs, mask, slices, synced):
     """Alg. 1 with the paper's chain rule (:func:`_closed_form`): ``(outputs, moments, group
-    axes)``, on the batch viewed as ``slices`` device slices (:class:`keras_bn.moments.Groups`).
+    axes)``, on the batch viewed as ``slices`` device slices and, with ``virtual_batch_size``,
+    ghost batches (:class:`keras_bn.moments.Groups`, the plain path's view).
     """
     dtype = layer._statistics_dtype
-    groups = moments_lib.Groups(slices)
+    groups = moments_lib.Groups(slices, layer.virtual_batch_size)
     shape = groups.shape(layer._broadcast_shape)
     gamma, beta = (
         jnp.broadcast_to(jnp.asarray(p, dtype), shape) for p in layer._params(dtype, shape)
@@ -95,6 +96,7 @@ def _closed_form_training(layer, inputs, mask, slices, synced):
         masked,
         synced,
         None if found is None else (found[0].backend_mesh, found[1]),
+        tuple(groups.group_axes()),
     )
     x = groups.split(jnp.asarray(inputs, dtype))
     mask = groups.split(mask) if masked else jnp.zeros((), bool)
@@ -106,12 +108,13 @@ def _closed_form_training(layer, inputs, mask, slices, synced):
 
 
 @functools.cache
-def _closed_form(axes, epsilon, clipping, masked, synced, mesh):
+def _closed_form(axes, epsilon, clipping, masked, synced, mesh, group_axes):
     """The training transform as a jitted ``jax.custom_vjp``: ``training(x, gamma, beta, mask,
     renorm_state) -> (y, count, mean, variance)``, one per configuration (``mesh``, the batch
     mesh of a synchronized layer, only keys the cache: :func:`replicated` reads it).
 
-    Forward: each slice's (count, mean, M2); with ``synced`` they are gathered on every device
+    Forward: each group's (device slice's, ghost batch's) (count, mean, M2); the parameters'
+    gradients add up over ``group_axes``. With ``synced`` they are gathered on every device
     in ONE collective and merged exactly (Chan), else each slice normalizes with its own.
     Backward: each slice's sums of ``dy`` and ``dy * x_hat`` (gathered in ONE collective and
     added when ``synced``), then ``dx`` elementwise. With a mask, masked entries are
@@ -170,10 +173,10 @@ def _closed_form(axes, epsilon, clipping, masked, synced, mesh):
         if masked:
             inner = jnp.where(mask, inner, 0.0)
         d_gamma, d_beta = transform.params_grad(sum_dy, sum_dy_x_hat, r_d)
-        # Parameters are shared by every slice: their gradients add up.
-        d_gamma, d_beta = (
-            jnp.broadcast_to(jnp.sum(g, 0, keepdims=True), gamma.shape) for g in (d_gamma, d_beta)
-        )
+        # Parameters are shared by every group (device slice, ghost batch): gradients add up.
+        if group_axes:
+            d_gamma, d_beta = (jnp.sum(g, group_axes, keepdims=True) for g in (d_gamma, d_beta))
+        d_gamma, d_beta = (jnp.broadcast_to(g, gamma.shape) for g in (d_gamma, d_beta))
         return (
             scale * (dy - inner),
             d_gamma,
