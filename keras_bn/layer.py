@@ -135,8 +135,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             transform with a closed-form backward (a ``jax.custom_vjp``; any axes, masks,
             renorm and ghost batches); on PyTorch it is the native batch-norm kernel (feature
             axes first or last, no mask, local statistics, renorm too) and, for masked inputs
-            with the feature axes last (not renorm), the transform with a closed-form backward
-            (a ``torch.autograd.Function``). ``fused=True`` where no fast path
+            and ghost batches with the feature axes last (not renorm), the transform with a
+            closed-form backward (a ``torch.autograd.Function``). ``fused=True`` where no fast path
             can run is a ValueError at build. After build, ``layer.fused`` says whether the
             training transform runs fused, as tf-keras reports it. All paths give the same
             results to float rounding.

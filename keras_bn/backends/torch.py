@@ -22,7 +22,7 @@ from keras_bn import transform
 
 FUSED_PATHS = (
     "PyTorch fuses feature axes that form one contiguous block, last or right after the batch "
-    "axis, without ghost batches"
+    "axis (ghost batches: last)"
 )
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,7 +85,7 @@ def synced_moments(x, axes, mask, replicas: Replicas):
 def fusable(feature_axes, rank, virtual_batch_size) -> bool:
     """Whether the native kernel can run for these axes (``layer.fused``)."""
     layout = moments_lib.feature_layout(feature_axes, rank)
-    return layout is not None and virtual_batch_size is None
+    return layout is not None and (virtual_batch_size is None or layout == "NHWC")
 
 
 def fused_plan(layer, inputs, mask, replicas, slices):
@@ -95,8 +95,9 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     value per channel. Renorm runs it with gamma and beta corrected by r and d (which carry no
     gradient), from one statistics pass of their own. Where the kernel's own running
     average is the layer's update (:func:`_kernel_updates_moving_statistics`), it moves the
-    moving statistics too, and the plan returns no moments. A mask (features last, no renorm)
-    runs :class:`_MaskedNormalization`, the transform with a closed-form backward."""
+    moving statistics too, and the plan returns no moments. A mask or ghost batches (features
+    last, no renorm) run :class:`_ClosedFormNormalization`, the transform with a closed-form
+    backward."""
     if (
         not layer.fused
         or (replicas is not None and layer.synchronized)
@@ -104,10 +105,10 @@ def fused_plan(layer, inputs, mask, replicas, slices):
         or inputs.dtype not in _DTYPES
     ):
         return None
-    if mask is not None:
+    if mask is not None or layer.virtual_batch_size is not None:
         if layer.renorm or layer._fused_layout != "NHWC":
             return None
-        return lambda: _masked_training(layer, inputs, mask)
+        return lambda: _closed_form_training(layer, inputs, mask)
     if inputs.numel() <= math.prod(layer._param_shape):  # n <= 1: n/(n-1) undefined
         return None
     if _kernel_updates_moving_statistics(layer):
@@ -210,63 +211,93 @@ def _native_training_in_place(layer, inputs):
     return y.reshape(inputs.shape), None, None
 
 
-class _MaskedNormalization(torch.autograd.Function):
-    """Alg. 1 over the entries a mask keeps, with a closed-form backward.
+class _ClosedFormNormalization(torch.autograd.Function):
+    """Alg. 1 over ``dims`` of ``x`` (channels last), optionally over the entries a mask keeps,
+    with a closed-form backward: masked inputs and ghost batches.
 
-    ``x`` is ``[A, C]``, ``mask`` ``[A, C]`` or ``[A, 1]`` (one flag per row, Keras's mask).
-    Every entry is normalized with the statistics of the kept ones, so for ``g = dy * gamma``
-    and ``x_hat = (x - mean) / sqrt(var + eps)``::
+    Statistics are taken per group (the dims not reduced, the channels last), keepdims. Every
+    entry is normalized with its group's statistics of the kept entries, so for
+    ``g = dy * gamma`` and ``x_hat = (x - mean) / sqrt(var + eps)``::
 
         dx = (g - kept / n * (sum(g) + x_hat * sum(g * x_hat))) / sqrt(var + eps)
 
-    with the sums over every entry of a channel (the outputs of masked entries depend on the
-    statistics too) and ``n`` the channel's count of kept entries. ``where`` keeps masked
-    values out of the statistics even when they are inf or nan, as on the plain path; an empty
-    channel gets mean 0 and variance 0. Autodiff of the plain path takes about 4.6x the time
-    of the unmasked kernel on a CPU; this takes a handful of elementwise passes."""
+    with the sums over every entry of a group (the outputs of masked entries depend on the
+    statistics too) and ``n`` the group's count of kept entries; gamma's and beta's gradients
+    add up over the groups. ``where`` keeps masked values out of the statistics even when they
+    are inf or nan, as on the plain path; an empty group gets mean 0 and variance 0. A masked
+    step by autodiff of the plain path took about 4.6x the unmasked kernel's time on a CPU."""
 
     @staticmethod
-    def forward(ctx, x, mask, gamma, beta, epsilon):
-        count = torch.sum(mask, dim=0, dtype=x.dtype).expand(x.shape[1])
+    def forward(ctx, x, mask, gamma, beta, epsilon, dims):
+        groups = [1 if d in dims else size for d, size in enumerate(x.shape)]
+        if mask is None:
+            count = x.new_full(groups, float(math.prod(x.shape[d] for d in dims)))
+            kept = x
+        else:
+            count = torch.sum(mask, dims, keepdim=True, dtype=x.dtype).expand(groups)
+            kept = torch.where(mask, x, 0.0)
         safe = torch.clamp(count, min=1.0)
-        mean = torch.sum(torch.where(mask, x, 0.0), dim=0) / safe
+        mean = torch.sum(kept, dims, keepdim=True) / safe
         centered = x - mean
+        kept = centered if mask is None else torch.where(mask, centered, 0.0)
         # The sum of squares without writing them: a norm reads its input once.
-        variance = torch.linalg.vector_norm(torch.where(mask, centered, 0.0), dim=0) ** 2 / safe
+        variance = torch.linalg.vector_norm(kept, dim=dims, keepdim=True) ** 2 / safe
         inverse = torch.rsqrt(variance + epsilon)
         scale = inverse if gamma is None else inverse * gamma
         y = centered * scale if beta is None else torch.addcmul(beta, centered, scale)
         ctx.save_for_backward(centered, mask, safe, inverse, gamma)
-        ctx.has_beta = beta is not None
+        ctx.has_beta, ctx.dims = beta is not None, dims
         ctx.mark_non_differentiable(count, mean, variance)
         return y, count, mean, variance
 
     @staticmethod
     def backward(ctx, dy, *_):
         centered, mask, safe, inverse, gamma = ctx.saved_tensors
-        dbeta = torch.sum(dy, dim=0)
-        dgamma = torch.sum(dy * centered, dim=0) * inverse  # sum(dy * x_hat)
+        dims = ctx.dims
+        sum_dy = torch.sum(dy, dims, keepdim=True)
+        sum_dy_x_hat = torch.sum(dy * centered, dims, keepdim=True) * inverse
         scale = inverse if gamma is None else inverse * gamma
-        # dx = scale * dy - kept * (scale / n) * (sum(dy) + x_hat * sum(dy * x_hat)),
-        # gamma's factors folded into per-channel vectors: three full-size passes.
+        # dx = scale * dy - kept * (scale / n) * (sum(dy) + x_hat * sum(dy * x_hat)), the
+        # group's factors folded into small tensors: three full-size elementwise ops.
         per_entry = scale / safe
-        correction = torch.addcmul(per_entry * dbeta, centered, per_entry * dgamma * inverse)
-        dx = torch.where(mask, correction, 0.0).neg_().addcmul_(dy, scale)
-        dgamma = None if gamma is None else dgamma
-        return dx, None, dgamma, dbeta if ctx.has_beta else None, None
+        correction = torch.addcmul(per_entry * sum_dy, centered, per_entry * sum_dy_x_hat * inverse)
+        if mask is not None:
+            correction = torch.where(mask, correction, 0.0)
+        dx = correction.neg_().addcmul_(dy, scale)
+        # Parameters are shared by every group: their gradients add up.
+        channel_axes = tuple(range(dy.dim() - 1))
+        dgamma = None if gamma is None else torch.sum(sum_dy_x_hat, channel_axes)
+        dbeta = torch.sum(sum_dy, channel_axes) if ctx.has_beta else None
+        return dx, None, dgamma, dbeta, None, None
 
 
-def _masked_training(layer, inputs, mask):
-    """``(outputs, moments, group axes)`` of :class:`_MaskedNormalization` (features last)."""
+def _closed_form_training(layer, inputs, mask):
+    """``(outputs, moments, group axes)`` of :class:`_ClosedFormNormalization` (features last):
+    the batch as ``[A, C]``, or ghost batches in the plain path's view
+    (:class:`keras_bn.moments.Groups`)."""
     channels = math.prod(layer._param_shape)
     x = inputs if inputs.dtype == torch.float32 else inputs.float()
-    view = x.reshape(-1, channels)
-    # Keras's mask (inputs.shape[:-1]) arrives broadcast over the channels: keep it per row.
-    flags = mask[..., :1] if mask.stride(-1) == 0 else mask
-    flags = flags.reshape(view.shape[0], -1)
     gamma, beta = _vector(layer.gamma, layer.scale), _vector(layer.beta, layer.center)
-    y, count, mean, variance = _MaskedNormalization.apply(view, flags, gamma, beta, layer.epsilon)
-    return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
+    if layer.virtual_batch_size is None:
+        view, flags = x.reshape(-1, channels), None
+        if mask is not None:
+            # Keras's mask (inputs.shape[:-1]) arrives broadcast over the channels: per row.
+            flags = mask[..., :1] if mask.stride(-1) == 0 else mask
+            flags = flags.reshape(view.shape[0], -1)
+        y, count, mean, variance = _ClosedFormNormalization.apply(
+            view, flags, gamma, beta, layer.epsilon, (0,)
+        )
+        return y.reshape(inputs.shape), moments_lib.Moments(count[0], mean[0], variance[0]), []
+    groups = moments_lib.Groups(1, layer.virtual_batch_size)
+    lead = tuple(x.shape[: x.dim() - len(layer._feature_axes)])
+    view = groups.split(x.reshape(*lead, channels))
+    flags = None if mask is None else groups.split(mask.reshape(*lead, channels))
+    dims = tuple(groups.axes(list(range(len(lead)))))
+    y, count, mean, variance = _ClosedFormNormalization.apply(
+        view, flags, gamma, beta, layer.epsilon, dims
+    )
+    moments = moments_lib.Moments(count, mean, variance)
+    return y.reshape(inputs.shape), moments, groups.group_axes()
 
 
 def settled_renorm_state(state):
