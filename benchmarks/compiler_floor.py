@@ -27,7 +27,6 @@ The table is Markdown, ready to paste into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -86,8 +85,8 @@ def _compiled(function, name):
         return lambda *args: jax.block_until_ready(compiled(*args))
     import torch
 
-    # A frame of its own per kernel (layer_step.own_code): the lambdas share no code object,
-    # but the rule is kept where every compiled function is made.
+    # A frame of its own per kernel and shape (layer_step.own_code): every shape's kernels come
+    # from the same lambdas, and Dynamo would recompile the second shape with dynamic shapes.
     return torch.compile(layer_step.own_code(function, name))
 
 
@@ -110,10 +109,10 @@ def _kernel_steps(shape, place):
     return steps
 
 
-def _row(shape, bandwidth, kernel_ms, step_ms):
-    nbytes = 4 * math.prod(shape)
+def _row(array, bandwidth, kernel_ms, step_ms):
+    shape, nbytes = array.shape, array.nbytes
     floor = sum(kernel_ms.values())
-    copy_floor = layer_step.PASSES * nbytes / (bandwidth * 1e9) * 1e3
+    _, copy_floor = layer_step.floor_ms(array, bandwidth)
     cells = [",".join(map(str, shape)), f"{copy_floor:.2f}"]
     for name, passes in KERNELS.items():
         rate = passes * nbytes / (kernel_ms[name] * 1e-3) / 1e9
@@ -125,11 +124,7 @@ def _row(shape, bandwidth, kernel_ms, step_ms):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if keras.backend.backend() != args.backend:
-        raise SystemExit(
-            f"Keras runs {keras.backend.backend()!r}, not --backend {args.backend}: run "
-            "benchmarks/compiler_floor.py as a script (each backend in its own process)."
-        )
+    layer_step.check_backend(args, "compiler_floor.py")
     place = devices.placement(args.backend, args.device, "compiler_floor.py")
     print(layer_step._header(args, place))
     compiler = {"tensorflow": "XLA", "jax": "jax.jit", "torch": "torch.compile"}[args.backend]
@@ -144,11 +139,7 @@ def main(argv=None):
     cells += [f"{n} ms (/ compiler floor)" for n in columns]
     print()
     print("| " + " | ".join(cells) + " |\n|" + "---|" * len(cells), flush=True)
-    make_steps = {
-        "tensorflow": layer_step._tf_steps,
-        "jax": layer_step._jax_steps,
-        "torch": layer_step._torch_steps,
-    }[args.backend]
+    make_steps = layer_step.STEPS[args.backend]
     for spec in args.shapes:
         shape = tuple(int(d) for d in spec.split(","))
         steps, _ = make_steps("bn", shape, True, place)
@@ -158,9 +149,9 @@ def main(argv=None):
         copy = {layer_step.COPY: layer_step._copy_step(array, place)}
         ms = layer_step._timed({**steps, **kernels, **copy}, args.repeats)
         # The faster of the copy alone and interleaved, as layer_step.py's floor.
-        bandwidth = max(alone * 1e9, 2 * array.nbytes / (ms[layer_step.COPY] * 1e-3))
+        bandwidth = max(alone, layer_step.copy_rate(array, ms[layer_step.COPY]))
         step_ms = {n: ms.get(n, float("nan")) for n in columns}
-        print(_row(shape, bandwidth / 1e9, {k: ms[k] for k in KERNELS}, step_ms), flush=True)
+        print(_row(array, bandwidth, {k: ms[k] for k in KERNELS}, step_ms), flush=True)
 
 
 if __name__ == "__main__":

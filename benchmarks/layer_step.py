@@ -262,7 +262,12 @@ def _copy_step(array, place):
 def copy_bandwidth(array, place, repeats):
     """(GB/s, copy ms): median over `repeats` copies of `array` on the device, read + write."""
     ms = _timed({"copy": _copy_step(array, place)}, repeats)["copy"]
-    return 2 * array.nbytes / (ms * 1e-3) / 1e9, ms
+    return copy_rate(array, ms), ms
+
+
+def copy_rate(array, copy_ms):
+    """GB/s of a copy of `array` (read + write) that took `copy_ms`."""
+    return 2 * array.nbytes / (copy_ms * 1e-3) / 1e9
 
 
 def floor_ms(array, bandwidth):
@@ -522,13 +527,22 @@ def _row(suite, shape, compiled, bandwidth, moved_mb, floor, ms):
     return "| " + " | ".join(cells) + " |"
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
+# Each backend's row of steps: ``(suite, shape, compiled, place) -> ({name: step}, notes)``.
+STEPS = {"tensorflow": _tf_steps, "jax": _jax_steps, "torch": _torch_steps}
+
+
+def check_backend(args, script):
+    """Exits with a one-line reason when Keras runs another backend than ``--backend``."""
     if keras.backend.backend() != args.backend:
         raise SystemExit(
             f"Keras runs {keras.backend.backend()!r}, not --backend {args.backend}: run "
-            "benchmarks/layer_step.py as a script (each backend in its own process)."
+            f"benchmarks/{script} as a script (each backend in its own process)."
         )
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    check_backend(args, "layer_step.py")
     unsupported = sorted(set(args.suite) - set(SUITES[args.backend]))
     if unsupported:
         raise SystemExit(f"--suite {' '.join(unsupported)} runs on TensorFlow only")
@@ -564,17 +578,16 @@ def main(argv=None):
         print(_table_header(suite, column), flush=True)
         for shape in shapes:
             for compiled in modes:
-                make_steps = {"tensorflow": _tf_steps, "jax": _jax_steps, "torch": _torch_steps}
-                steps, row_notes = make_steps[args.backend](suite, shape, compiled, place)
+                steps, row_notes = STEPS[args.backend](suite, shape, compiled, place)
                 notes += [f"torch.compile, {suite} {shape}: {note}" for note in row_notes]
                 array = _inputs(shape)[0]
                 steps[COPY] = _copy_step(array, place)
                 ms = _timed(steps, args.repeats)
-                interleaved = 2 * array.nbytes / (ms.pop(COPY) * 1e-3) / 1e9
+                interleaved = copy_rate(array, ms.pop(COPY))
                 # The stricter floor: the copy runs slower between other work than alone.
-                bandwidth = max(interleaved, alone[shape][0])
+                fastest = max(interleaved, alone[shape][0])
                 ms = {name: ms.get(name, float("nan")) for name in columns(suite)}
-                row = _row(suite, shape, compiled, bandwidth, *floor_ms(array, bandwidth), ms)
+                row = _row(suite, shape, compiled, fastest, *floor_ms(array, fastest), ms)
                 print(row, flush=True)
     if notes:
         print()

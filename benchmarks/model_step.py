@@ -159,7 +159,7 @@ def _build(name, norm_layer, jit_compile, args):
         import torch
 
         model.make_train_function()
-        step = model.train_function._torchdynamo_orig_callable
+        step = model.train_function.__wrapped__  # torch.compile wraps with functools.wraps
         model.train_function = torch.compile(own_code(step, name))
     return model
 

@@ -631,9 +631,8 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     if implementation is None:
         return None
     if mask is not None:
-        if replicas is not None or layer.renorm or layer.virtual_batch_size is not None:
-            return None
-        if layer._fused_layout != "NHWC":
+        plain = replicas is not None or layer.renorm or layer.virtual_batch_size is not None
+        if plain or layer._fused_layout != "NHWC":
             return None
         return lambda: masked_training(layer, inputs, mask)
     return lambda: fused_training(layer, inputs, replicas, implementation)
@@ -674,12 +673,9 @@ def fused_training(layer, inputs, replicas, implementation):
     when ``replicas`` is given. Returns ``(outputs, moments, group_axes)``: the batch moments
     per channel (``[C]``), or per ghost batch (``[G, C]`` with ``group_axes == [0]``)."""
     channels = math.prod(layer._param_shape)
-    gamma = tf.reshape(layer.gamma, [channels]) if layer.scale else tf.ones([channels])
-    beta = tf.reshape(layer.beta, [channels]) if layer.center else tf.zeros([channels])
     args = (
         inputs,
-        tf.cast(gamma, tf.float32),
-        tf.cast(beta, tf.float32),
+        *_param_vectors(layer, channels),
         layer.epsilon,
         layer._fused_layout,
         channels,
@@ -701,15 +697,21 @@ def fused_training(layer, inputs, replicas, implementation):
     return outputs, Moments(count, mean, variance), []
 
 
+def _param_vectors(layer, channels):
+    """gamma and beta as float32 vectors of length ``channels`` (ones / zeros when disabled)."""
+    gamma = tf.reshape(layer.gamma, [channels]) if layer.scale else tf.ones([channels])
+    beta = tf.reshape(layer.beta, [channels]) if layer.center else tf.zeros([channels])
+    return tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32)
+
+
 def masked_training(layer, inputs, mask):
     """Alg. 1 over the entries ``mask`` keeps (features last), as one XLA-compiled forward and
     one XLA-compiled closed-form backward (the formula of
-    ``keras_bn.backends.torch._MaskedNormalization``): every entry is normalized with the kept
+    ``keras_bn.backends.torch._ClosedFormNormalization``): every entry is normalized with the kept
     entries' statistics, masked values (even inf or nan) stay out of them, and an empty channel
     gets mean 0 and variance 0, as on the plain path. Returns ``(outputs, moments, [])``."""
     channels = math.prod(layer._param_shape)
-    gamma = tf.reshape(layer.gamma, [channels]) if layer.scale else tf.ones([channels])
-    beta = tf.reshape(layer.beta, [channels]) if layer.center else tf.zeros([channels])
+    gamma, beta = _param_vectors(layer, channels)
     x2 = tf.reshape(inputs, [-1, channels])
     keep = tf.reshape(mask, [-1, channels])
     epsilon = tf.constant(layer.epsilon, tf.float32)
@@ -725,7 +727,7 @@ def masked_training(layer, inputs, mask):
 
         return (y2, count, mean, variance), grad
 
-    y2, count, mean, variance = training(x2, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32))
+    y2, count, mean, variance = training(x2, gamma, beta)
     return tf.reshape(y2, tf.shape(inputs)), Moments(count, mean, variance), []
 
 
