@@ -6,6 +6,7 @@ per-replica statistics travel, and the fast paths).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import keras
@@ -429,7 +430,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
             if batch is not None:  # None: the fused kernel moved the moving statistics itself
-                self._record_batch_statistics(*batch)
+                with _updates_after(outputs):
+                    self._record_batch_statistics(*batch)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
         return ops.cast(outputs, self._output_dtype)
@@ -796,6 +798,13 @@ def _validate_virtual_batch_size(size, synchronized, renorm):
             "Renormalization's Alg. 1). Use one of them."
         )
     return size
+
+
+def _updates_after(outputs):
+    """A context whose variable updates run after ``outputs`` exist: renorm's outputs read the
+    averages the update overwrites (TensorFlow's ``updates_after``; nothing elsewhere)."""
+    after = getattr(backends.current(), "updates_after", None)
+    return contextlib.nullcontext() if after is None else after(outputs)
 
 
 def _read(variable):
