@@ -51,8 +51,10 @@ fastest). A tensor of a few tens of MB may sit in a large last-level cache: the 
 the bandwidth a step of that size actually sees.
 
 Suites: ``bn`` (plain BN: ours and every peer above), ``renorm`` (Batch Renormalization: ours
-against Keras 3's ``renorm=True``; Flax and torch.nn have none), ``ghost`` (TensorFlow: ghost
-batches of a quarter of the batch, ours against tf_keras's ``virtual_batch_size``), ``fused``
+against Keras 3's ``renorm=True``; Flax and torch.nn have none), ``ghost`` (ghost batches of a
+quarter of the batch: on TensorFlow ours against tf_keras's ``virtual_batch_size``; on JAX and
+PyTorch, where no peer has ghost batches, ours against our own plain ``keras.ops`` path,
+``fused=False``, column ``keras_bn_plain``), ``fused``
 (TensorFlow: our layer with each fused implementation forced, FusedBatchNormV3 against the XLA
 formulation; what the default of ``keras_bn.backends.tensorflow`` rests on), ``masked`` (every
 backend: a Keras mask of ``shape[:-1]`` keeping 80% of the positions, ours against Keras 3's
@@ -84,7 +86,7 @@ import devices  # noqa: E402  (this folder)
 BACKENDS = ("tensorflow", "jax", "torch")
 SUITES = {
     "tensorflow": ("bn", "renorm", "ghost", "fused", "masked"),
-    "jax": ("bn", "renorm", "masked"),
+    "jax": ("bn", "renorm", "ghost", "masked"),
 }
 SUITES["torch"] = SUITES["jax"]
 DEFAULT_SHAPES = ["32,28,28,192", "32,56,56,64", "4096,1024"]
@@ -105,7 +107,36 @@ def _parser():
         "--shapes", nargs="*", default=DEFAULT_SHAPES, help="comma-separated shapes, channels last"
     )
     parser.add_argument("--suite", nargs="*", default=["bn"], choices=SUITES["tensorflow"])
+    parser.add_argument(
+        "--heap",
+        choices=("kept", "default"),
+        default="kept",
+        help="kept: freed memory stays in the process for every column (glibc: no mmap of "
+        "large blocks, no trimming; see keep_freed_memory); default: the allocator's defaults",
+    )
     return parser
+
+
+def keep_freed_memory():
+    """Keeps freed memory in the process, for every column alike; returns the header's words.
+
+    By default glibc serves large blocks with ``mmap`` (up to its dynamic threshold) and gives
+    the top of its heap back to the system once a free leaves more than its trim threshold
+    there; the next step then page-faults its full-size tensors in again, several ms a step on
+    this benchmark's shapes, and which implementation pays depends on the order of the steps and
+    where the small blocks land, not on its kernels (docs/benchmarks.md, PyTorch). Other
+    allocators (jemalloc, tcmalloc, which PyTorch's CPU tuning guide recommends) keep freed
+    memory too. Elsewhere than glibc this is a no-op and the header says so.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):
+        return "heap: the allocator's defaults (no mallopt here)"
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    if libc.mallopt(m_mmap_max, 0) != 1 or libc.mallopt(m_trim_threshold, 2**31 - 1) != 1:
+        return "heap: the allocator's defaults (mallopt refused)"
+    return "heap kept (glibc mallopt: no mmap, no trim)"
 
 
 if __name__ == "__main__":
@@ -162,12 +193,19 @@ def _implementations(suite, batch):
         }
     tf_keras = _tf_keras()
     if suite == "ghost":
+        size = batch // 4
+        ours = {"keras_bn": lambda: keras_bn.BatchNormalization(virtual_batch_size=size)}
+        if keras.backend.backend() != "tensorflow":
+            # No peer has ghost batches here: our plain keras.ops path is the reference.
+            return ours | {
+                "keras_bn_plain": lambda: keras_bn.BatchNormalization(
+                    virtual_batch_size=size, fused=False
+                )
+            }
         if tf_keras is None:
             raise SystemExit("the ghost suite needs tf_keras (pip install tf_keras)")
-        size = batch // 4
-        return {
-            "keras_bn": lambda: keras_bn.BatchNormalization(virtual_batch_size=size),
-            "tf_keras": lambda: tf_keras.layers.BatchNormalization(virtual_batch_size=size),
+        return ours | {
+            "tf_keras": lambda: tf_keras.layers.BatchNormalization(virtual_batch_size=size)
         }
     impls = {"keras_bn": keras_bn.BatchNormalization, "keras3": keras.layers.BatchNormalization}
     if tf_keras is not None:
@@ -546,9 +584,10 @@ def main(argv=None):
     unsupported = sorted(set(args.suite) - set(SUITES[args.backend]))
     if unsupported:
         raise SystemExit(f"--suite {' '.join(unsupported)} runs on TensorFlow only")
+    heap = keep_freed_memory() if args.heap == "kept" else "heap: the allocator's defaults"
     place = devices.placement(args.backend, args.device, "layer_step.py")
     shapes = [tuple(int(d) for d in spec.split(",")) for spec in args.shapes]
-    print(_header(args, place))
+    print(f"{_header(args, place)}, {heap}")
     if args.backend == "jax" and "bn" in args.suite and _flax_missing():
         print(f"note: {_flax_missing()}")
     # The floor of each shape, measured now on the same device (module docstring).

@@ -231,7 +231,7 @@ class _ClosedFormNormalization(torch.autograd.Function):
     def forward(ctx, x, mask, gamma, beta, epsilon, dims):
         groups = [1 if d in dims else size for d, size in enumerate(x.shape)]
         if mask is None:
-            count = x.new_full(groups, float(math.prod(x.shape[d] for d in dims)))
+            count = x.new_full(groups, float(math.prod([x.shape[d] for d in dims])))
             kept = x
         else:
             count = torch.sum(mask, dims, keepdim=True, dtype=x.dtype).expand(groups)

@@ -281,15 +281,22 @@ def test_stateless_call_returns_the_moving_statistics_and_leaves_the_variables()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
-@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}], ids=["kernel", "renorm"])
-def test_torch_compile_equals_eager(kwargs):
-    # The kernel's in-place update, and renorm (whose averages the backward keeps while the
-    # update overwrites them), under torch.compile: the same gradients and state, step by step.
+@pytest.mark.parametrize(
+    "kwargs,masked",
+    [({}, False), ({"renorm": True}, False), ({"virtual_batch_size": 4}, False), ({}, True)],
+    ids=["kernel", "renorm", "ghost", "masked"],
+)
+def test_torch_compile_equals_eager(kwargs, masked):
+    # The kernel's in-place update, renorm (whose averages the backward keeps while the update
+    # overwrites them), and the closed-form Function (ghost batches, masks) under
+    # torch.compile: the same gradients and state, step by step. All but renorm (which breaks
+    # the graph on purpose) compile as one graph: a break there ran the Function eagerly.
     import torch
 
     rng = np.random.default_rng(8)
     xs = [rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32) for _ in range(2)]
     dy = torch.tensor(rng.normal(size=xs[0].shape).astype(np.float32))
+    mask = torch.tensor(rng.random(xs[0].shape[:-1]) < 0.7) if masked else None
     results = []
     for compiled in (False, True):
         layer = keras_bn.BatchNormalization(momentum=0.7, **kwargs)
@@ -298,9 +305,10 @@ def test_torch_compile_equals_eager(kwargs):
             layer.renorm_stddev.assign(ops.full(layer.renorm_stddev.shape, 0.8))
 
         def loss(x, layer=layer):
-            return torch.sum(layer(x, training=True) * dy)
+            return torch.sum(layer(x, training=True, mask=mask) * dy)
 
-        loss = torch.compile(loss) if compiled else loss
+        if compiled:
+            loss = torch.compile(loss, fullgraph="renorm" not in kwargs)
         got = []
         for x in xs:
             x = torch.tensor(x, requires_grad=True)
