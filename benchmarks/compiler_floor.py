@@ -125,8 +125,9 @@ def _row(array, bandwidth, kernel_ms, step_ms):
 def main(argv=None):
     args = _parser().parse_args(argv)
     layer_step.check_backend(args, "compiler_floor.py")
+    heap = layer_step.keep_freed_memory()  # as layer_step.py's default
     place = devices.placement(args.backend, args.device, "compiler_floor.py")
-    print(layer_step._header(args, place))
+    print(f"{layer_step._header(args, place)}, {heap}")
     compiler = {"tensorflow": "XLA", "jax": "jax.jit", "torch": "torch.compile"}[args.backend]
     print(
         f"kernels compiled by {compiler}, each alone: ms (GB/s moved); compiler floor = their "
