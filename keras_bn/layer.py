@@ -6,7 +6,6 @@ per-replica statistics travel, and the fast paths).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import keras
@@ -286,6 +285,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.moving_variance = None
         self.moving_stddev = None
         self.renorm_mean = None
+        self._renorm_read = None  # this call's (renorm_mean, renorm_stddev): see _renorm_state
         self.renorm_stddev = None
         self.moving_count = None
         # Set by keras_bn.population while it measures population statistics (Alg. 2): called
@@ -430,8 +430,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if training and self.trainable:
             outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
             if batch is not None:  # None: the fused kernel moved the moving statistics itself
-                with _updates_after(outputs):
-                    self._record_batch_statistics(*batch)
+                self._record_batch_statistics(*batch)
+            self._renorm_read = None  # no tensor of this call outlives it
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
         return ops.cast(outputs, self._output_dtype)
@@ -476,13 +476,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return ops.reshape(_read(variable), shape)
 
     def _renorm_state(self, shape):
-        """Batch Renormalization's state for this batch (read before the update), or None."""
+        """Batch Renormalization's state for this batch, or None.
+
+        The averages are read once per call, and the moving-statistics update moves the values
+        read here: the update then depends on this read by data. On TensorFlow only the read op
+        itself was ordered before the update's AssignVariableOp, and Grappler's dependency
+        optimizer drops that edge: under load about one fused renorm step in three normalized
+        with the averages its own update had just written.
+        """
         if not self.renorm:
             return None
+        if self._renorm_read is None:
+            self._renorm_read = (_read(self.renorm_mean), _read(self.renorm_stddev))
+        mean, stddev = self._renorm_read
         state = transform.Renorm(
-            self._statistic(self.renorm_mean, shape),
-            self._statistic(self.renorm_stddev, shape),
-            self._clipping,
+            ops.reshape(mean, shape), ops.reshape(stddev, shape), self._clipping
         )
         # The backward keeps these values while the update overwrites the variables.
         settled = getattr(backends.current(), "settled_renorm_state", None)
@@ -508,6 +516,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         Estimate) and the moments the batch was normalized with (for Alg. 2); None for both
         where the fused kernel moved the moving statistics itself."""
         backend = backends.current()
+        self._renorm_read = None  # read afresh by this call's _renorm_state
         replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
         # A JAX data-parallel call sees the global batch: per-device statistics are a view.
@@ -635,12 +644,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
         update = _compiled_update(backends.current(), self.renorm)
         flags = (self.unbiased_variance, cumulative)
         if self.renorm:
+            # The values this call's outputs used (one read: see _renorm_state).
+            renorm_mean, renorm_stddev = self._renorm_read or (
+                _read(self.renorm_mean),
+                _read(self.renorm_stddev),
+            )
             moved = update(
                 old_mean,
                 _read(self.moving_stddev),
                 old_variance,
-                _read(self.renorm_mean),
-                _read(self.renorm_stddev),
+                renorm_mean,
+                renorm_stddev,
                 batch,
                 weight,
                 1.0 - self.renorm_momentum,
@@ -798,13 +812,6 @@ def _validate_virtual_batch_size(size, synchronized, renorm):
             "Renormalization's Alg. 1). Use one of them."
         )
     return size
-
-
-def _updates_after(outputs):
-    """A context whose variable updates run after ``outputs`` exist: renorm's outputs read the
-    averages the update overwrites (TensorFlow's ``updates_after``; nothing elsewhere)."""
-    after = getattr(backends.current(), "updates_after", None)
-    return contextlib.nullcontext() if after is None else after(outputs)
 
 
 def _read(variable):

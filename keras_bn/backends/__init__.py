@@ -13,8 +13,6 @@ is Keras's, so ``import keras_bn`` never loads another framework. Each module gi
   one exchange forward and one backward.
 - ``fusable(...)``, ``FUSED_PATHS``, ``fused_plan(...)``: the fused training transforms.
 - ``compiled(function)``: the moving-average update, compiled where that pays.
-- optional ``updates_after(outputs)``: a context that orders the moving-statistics update
-  after the outputs (TensorFlow's graphs).
 """
 
 from __future__ import annotations

@@ -606,20 +606,6 @@ def compiled(function):
     return tf.function(function, jit_compile=True)
 
 
-def updates_after(outputs):
-    """Orders the moving-statistics update after ``outputs`` (a no-op eagerly).
-
-    Renorm's outputs read ``renorm_mean`` / ``renorm_stddev`` through a ReadVariableOp whose
-    tensor shares the variable's buffer, and consume it only after the batch statistics; the
-    automatic control dependencies order the read before the update's AssignVariableOp, not
-    its consumers. Without this edge, under load, about one fused renorm step in three
-    normalized with the averages its own update had written (in place: how Grappler's
-    dependency optimizer lets that happen was not pinned down); with the edge, or with that
-    optimizer off, none of hundreds did.
-    """
-    return tf.control_dependencies([outputs])
-
-
 # ---- The layer's fused training transform on TensorFlow.
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
