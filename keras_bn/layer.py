@@ -285,7 +285,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.moving_variance = None
         self.moving_stddev = None
         self.renorm_mean = None
-        self._renorm_read = None  # this call's (renorm_mean, renorm_stddev): see _renorm_state
         self.renorm_stddev = None
         self.moving_count = None
         # Set by keras_bn.population while it measures population statistics (Alg. 2): called
@@ -428,10 +427,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # Checked in inference too: a wrong mask is a bug wherever it is passed.
             mask = moments_lib.broadcast_mask(mask, inputs, self._feature_axes)
         if training and self.trainable:
-            outputs, batch = self._normalize_with_batch_statistics(inputs, mask)
+            averages = self._renorm_averages()
+            outputs, batch = self._normalize_with_batch_statistics(inputs, mask, averages)
             if batch is not None:  # None: the fused kernel moved the moving statistics itself
-                self._record_batch_statistics(*batch)
-            self._renorm_read = None  # no tensor of this call outlives it
+                self._record_batch_statistics(*batch, averages)
         else:
             outputs = self._normalize_with_moving_statistics(inputs)
         return ops.cast(outputs, self._output_dtype)
@@ -475,20 +474,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _statistic(self, variable, shape):
         return ops.reshape(_read(variable), shape)
 
-    def _renorm_state(self, shape):
-        """Batch Renormalization's state for this batch, or None.
+    def _renorm_averages(self):
+        """``(renorm_mean, renorm_stddev)`` read once for a training call, or None.
 
-        The averages are read once per call, and the moving-statistics update moves the values
-        read here: the update then depends on this read by data. On TensorFlow only the read op
-        itself was ordered before the update's AssignVariableOp, and Grappler's dependency
-        optimizer drops that edge: under load about one fused renorm step in three normalized
-        with the averages its own update had just written.
+        The outputs (:meth:`_renorm_state`) and the moving-statistics update both use this one
+        read, so the update depends on it by data. On TensorFlow a read of its own was ordered
+        before the update's AssignVariableOp only by a control edge, which Grappler's dependency
+        optimizer drops: under load about one fused renorm step in three normalized with the
+        averages its own update had just written. Passed along, not kept on the layer: the
+        replicas of a MirroredStrategy step call one layer from several threads at once.
         """
         if not self.renorm:
             return None
-        if self._renorm_read is None:
-            self._renorm_read = (_read(self.renorm_mean), _read(self.renorm_stddev))
-        mean, stddev = self._renorm_read
+        return _read(self.renorm_mean), _read(self.renorm_stddev)
+
+    def _renorm_state(self, shape, averages):
+        """Batch Renormalization's state for this batch from the call's ``averages``
+        (:meth:`_renorm_averages`) in ``shape``, or None."""
+        if averages is None:
+            return None
+        mean, stddev = averages
         state = transform.Renorm(
             ops.reshape(mean, shape), ops.reshape(stddev, shape), self._clipping
         )
@@ -509,30 +514,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         return x * multiplier + offset
 
-    def _normalize_with_batch_statistics(self, inputs, mask):
+    def _normalize_with_batch_statistics(self, inputs, mask, averages):
         """Alg. 1 (with renorm's correction when ``renorm``). Returns the outputs and
         ``(target, moments)``: what the moving statistics move toward (the global batch's
         per-channel Moments, wherever the statistics were taken; the ghost batches' averaged
         Estimate) and the moments the batch was normalized with (for Alg. 2); None for both
         where the fused kernel moved the moving statistics itself."""
         backend = backends.current()
-        self._renorm_read = None  # read afresh by this call's _renorm_state
         replicas = backend.replica_group()
         synced = replicas if self.synchronized else None
         # A JAX data-parallel call sees the global batch: per-device statistics are a view.
         slices = 1 if self.synchronized else backend.device_slices()
-        plan = backend.fused_plan(self, inputs, mask, synced, slices)
+        plan = backend.fused_plan(self, inputs, mask, synced, slices, averages)
         if plan is not None:
             outputs, moments, group_axes = plan()
             if moments is None:  # the kernel updated the moving statistics in place
                 return outputs, None
         else:
             outputs, moments, group_axes = self._training_transform(
-                inputs, mask, synced, slices, backend
+                inputs, mask, synced, slices, backend, averages
             )
         return outputs, self._population_target(moments, group_axes, replicas, synced, backend)
 
-    def _training_transform(self, inputs, mask, replicas, slices, backend):
+    def _training_transform(self, inputs, mask, replicas, slices, backend, averages):
         """The training transform with plain ``keras.ops`` (differentiated by autodiff): for
         masks, ghost batches, float64, and feature axes the fused paths do not handle.
         Returns ``(outputs, moments, group axes of the moments)``."""
@@ -553,7 +557,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             batch.variance,
             *self._params(x.dtype, shape),
             epsilon,
-            self._renorm_state(shape),
+            self._renorm_state(shape, averages),
         )
         outputs = groups.merge(transform.apply(xs, batch.mean, multiplier, offset), x)
         return outputs, batch, groups.group_axes()
@@ -616,15 +620,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     # ------------------------------------------------------------------- moving statistics
 
-    def _record_batch_statistics(self, target, moments):
+    def _record_batch_statistics(self, target, moments, averages):
         if self._statistics_observer is not None:
             # Alg. 2 wants the batches the layer actually normalized with.
             for batch in moments:
                 self._statistics_observer(batch.mean, batch.variance, batch.count)
             return
-        self._update_moving_statistics(target)
+        self._update_moving_statistics(target, averages)
 
-    def _update_moving_statistics(self, batch):
+    def _update_moving_statistics(self, batch, averages):
         """Moves the population estimates toward this batch (its per-channel ``Moments``, or
         the ghost batches' averaged ``Estimate``), channel by channel.
 
@@ -644,11 +648,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         update = _compiled_update(backends.current(), self.renorm)
         flags = (self.unbiased_variance, cumulative)
         if self.renorm:
-            # The values this call's outputs used (one read: see _renorm_state).
-            renorm_mean, renorm_stddev = self._renorm_read or (
-                _read(self.renorm_mean),
-                _read(self.renorm_stddev),
-            )
+            renorm_mean, renorm_stddev = averages  # the values the outputs used
             moved = update(
                 old_mean,
                 _read(self.moving_stddev),

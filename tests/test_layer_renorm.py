@@ -291,3 +291,47 @@ case([5, 3, 4], (2, 2, 4), synchronized=False, seed=1)       # local r, d on eac
 def test_renorm_across_replicas_matches_oracle_on_global_and_local_batches(python_subprocess):
     out = python_subprocess(RENORM_ACROSS_REPLICAS)
     assert out.count("OK") == 3
+
+
+RENORM_READS_ACROSS_REPLICAS = """
+from test_distributed import PRELUDE
+exec(PRELUDE.format(replicas=3))
+
+def ancestors(op):  # by data only
+    seen, stack = set(), [op]
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            stack.extend(t.op for t in op.inputs)
+    return seen
+
+for synchronized in (False, True):
+    with strategy.scope():
+        layer = keras_bn.BatchNormalization(renorm=True, synchronized=synchronized)
+        layer.build((None, 2, 2, 4))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 2, 2, 4))])
+    def step(x):
+        return strategy.run(lambda x: layer(x, training=True), args=(x,))
+
+    graph = step.get_concrete_function().graph
+    handles = {id(external): internal for external, internal in graph.captures}
+    for variable in (layer.renorm_mean, layer.renorm_stddev):
+        for copy in variable.value.values:  # each replica's own
+            handle = handles[id(copy.handle)]
+            on_it = [op for op in graph.get_operations() if any(t is handle for t in op.inputs)]
+            reads = [op for op in on_it if op.type == "ReadVariableOp"]
+            (assign,) = [op for op in on_it if op.type == "AssignVariableOp"]
+            assert len(reads) == 1, [op.name for op in reads]
+            assert reads[0].name in ancestors(assign), (copy.name, assign.name)
+    print("OK", synchronized)
+"""
+
+
+def test_each_replica_update_moves_the_averages_its_outputs_read(python_subprocess):
+    # MirroredStrategy calls one layer from a thread per replica at once: the read that feeds a
+    # replica's update must be that replica's own (state kept on the layer for the call mixed
+    # replicas up, and a replica's update no longer depended on its own read).
+    out = python_subprocess(RENORM_READS_ACROSS_REPLICAS)
+    assert out.count("OK") == 2

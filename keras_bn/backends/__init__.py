@@ -11,7 +11,8 @@ is Keras's, so ``import keras_bn`` never loads another framework. Each module gi
   every device.
 - ``synced_moments(x, axes, mask, replicas)``: the global batch's moments, differentiable, with
   one exchange forward and one backward.
-- ``fusable(...)``, ``FUSED_PATHS``, ``fused_plan(...)``: the fused training transforms.
+- ``fusable(...)``, ``FUSED_PATHS``, ``fused_plan(...)``: the fused training transforms
+  (``averages``: renorm's averages as the layer read them for the call, or None).
 - ``compiled(function)``: the moving-average update, compiled where that pays.
 """
 

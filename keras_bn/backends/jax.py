@@ -59,7 +59,7 @@ def fusable(feature_axes, rank, virtual_batch_size) -> bool:
     return True
 
 
-def fused_plan(layer, inputs, mask, replicas, slices):
+def fused_plan(layer, inputs, mask, replicas, slices, averages):
     """The transform with a closed-form backward (:func:`_closed_form_training`) for every
     call but ``fused=False``: local statistics (each device slice's or ghost batch's, no
     collective either way) or, with ``synchronized=True`` over a batch sharded on several
@@ -70,11 +70,17 @@ def fused_plan(layer, inputs, mask, replicas, slices):
     devices = device_slices()
     synced = layer.synchronized and devices > 1
     return functools.partial(
-        _closed_form_training, layer, inputs, mask, devices if synced else slices, synced
+        _closed_form_training,
+        layer,
+        inputs,
+        mask,
+        devices if synced else slices,
+        synced,
+        averages,
     )
 
 
-def _closed_form_training(layer, inputs, mask, slices, synced):
+def _closed_form_training(layer, inputs, mask, slices, synced, averages):
     """Alg. 1 with the paper's chain rule (:func:`_closed_form`): ``(outputs, moments, group
     axes)``, on the batch viewed as ``slices`` device slices and, with ``virtual_batch_size``,
     ghost batches (:class:`keras_bn.moments.Groups`, the plain path's view).
@@ -85,7 +91,7 @@ def _closed_form_training(layer, inputs, mask, slices, synced):
     gamma, beta = (
         jnp.broadcast_to(jnp.asarray(p, dtype), shape) for p in layer._params(dtype, shape)
     )
-    renorm = layer._renorm_state(shape)
+    renorm = layer._renorm_state(shape, averages)
     renorm_state = (renorm.mean, renorm.stddev) if renorm is not None else ()
     masked = mask is not None
     found = _batch_mesh() if synced else None

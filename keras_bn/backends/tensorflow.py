@@ -621,7 +621,7 @@ def fusable(feature_axes, rank, virtual_batch_size) -> bool:
     return layout is not None and (virtual_batch_size is None or layout == "NHWC")
 
 
-def fused_plan(layer, inputs, mask, replicas, slices):
+def fused_plan(layer, inputs, mask, replicas, slices, averages):
     """The fused training transform for this call, as a function of no argument, or None
     where the plain ``keras.ops`` path runs (float64, ``fused=False``; masks with the features
     first, with renorm, ghost batches or synchronized statistics)."""
@@ -635,7 +635,7 @@ def fused_plan(layer, inputs, mask, replicas, slices):
         if plain or layer._fused_layout != "NHWC":
             return None
         return lambda: masked_training(layer, inputs, mask)
-    return lambda: fused_training(layer, inputs, replicas, implementation)
+    return lambda: fused_training(layer, inputs, replicas, implementation, averages)
 
 
 def _implementation(layer, dtype):
@@ -668,7 +668,7 @@ def _fusable(layer, dtype):
     )
 
 
-def fused_training(layer, inputs, replicas, implementation):
+def fused_training(layer, inputs, replicas, implementation, averages):
     """The training transform as one fused computation, for any rank; over the global batch
     when ``replicas`` is given. Returns ``(outputs, moments, group_axes)``: the batch moments
     per channel (``[C]``), or per ghost batch (``[G, C]`` with ``group_axes == [0]``)."""
@@ -681,7 +681,7 @@ def fused_training(layer, inputs, replicas, implementation):
         channels,
         len(layer._feature_axes),
     )
-    renorm = layer._renorm_state([channels])
+    renorm = layer._renorm_state([channels], averages)
     if layer.virtual_batch_size is not None:
         outputs, count, mean, variance = ghost_batch_norm_training(
             *args[:4], channels, layer.virtual_batch_size

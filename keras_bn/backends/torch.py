@@ -88,7 +88,7 @@ def fusable(feature_axes, rank, virtual_batch_size) -> bool:
     return layout is not None and (virtual_batch_size is None or layout == "NHWC")
 
 
-def fused_plan(layer, inputs, mask, replicas, slices):
+def fused_plan(layer, inputs, mask, replicas, slices, averages):
     """PyTorch's native batch-norm kernel (``torch.native_batch_norm``, forward and backward
     in one pass each) where it computes the layer's transform: no mask, local statistics (a
     rank's own; the moving statistics are still exchanged), float32 statistics, more than one
@@ -113,7 +113,7 @@ def fused_plan(layer, inputs, mask, replicas, slices):
         return None
     if _kernel_updates_moving_statistics(layer):
         return lambda: _native_training_in_place(layer, inputs)
-    return lambda: _native_training(layer, inputs)
+    return lambda: _native_training(layer, inputs, averages)
 
 
 def _kernel_updates_moving_statistics(layer) -> bool:
@@ -157,7 +157,7 @@ def _vector(variable, enabled):
     return value if value.dim() == 1 else value.reshape(-1)
 
 
-def _native_training(layer, inputs):
+def _native_training(layer, inputs, averages):
     """``(outputs, moments, group axes)`` from the native kernel."""
     view, gamma, beta = _kernel_input(layer, inputs)
     channels = view.shape[1]
@@ -167,7 +167,7 @@ def _native_training(layer, inputs):
     mean = torch.zeros(channels, device=view.device)
     corrected = torch.ones(channels, device=view.device)
     if layer.renorm:
-        gamma, beta = _renorm_corrected(layer, view, gamma, beta)
+        gamma, beta = _renorm_corrected(layer, view, gamma, beta, averages)
     y, _, _ = torch.native_batch_norm(view, gamma, beta, mean, corrected, True, 1.0, layer.epsilon)
     n = view.numel() // channels
     variance = corrected * ((n - 1) / n)
@@ -175,7 +175,7 @@ def _native_training(layer, inputs):
     return y.reshape(inputs.shape), moments_lib.Moments(count, mean, variance), []
 
 
-def _renorm_corrected(layer, view, gamma, beta):
+def _renorm_corrected(layer, view, gamma, beta, averages):
     """Batch Renormalization's ``(gamma * r, beta + gamma * d)`` for the kernel: ``r`` and ``d``
     from the batch's biased moments (one pass; they carry no gradient, so the kernel's
     backward through the corrected parameters is renorm's)."""
@@ -185,7 +185,7 @@ def _renorm_corrected(layer, view, gamma, beta):
         # layout; torch.var_mean over dim 0 of [A, C] took over 10x as long.
         mean, variance = torch.batch_norm_update_stats(view, None, None, 0.0)
     correction = transform.renorm_correction(
-        mean, variance, layer.epsilon, layer._renorm_state([channels])
+        mean, variance, layer.epsilon, layer._renorm_state([channels], averages)
     )
     ones = torch.ones(channels, device=view.device)
     gamma = ones if gamma is None else gamma
