@@ -296,15 +296,7 @@ def test_renorm_across_replicas_matches_oracle_on_global_and_local_batches(pytho
 RENORM_READS_ACROSS_REPLICAS = """
 from test_distributed import PRELUDE
 exec(PRELUDE.format(replicas=3))
-
-def ancestors(op):  # by data only
-    seen, stack = set(), [op]
-    while stack:
-        op = stack.pop()
-        if op.name not in seen:
-            seen.add(op.name)
-            stack.extend(t.op for t in op.inputs)
-    return seen
+import tf_graph
 
 for synchronized in (False, True):
     with strategy.scope():
@@ -316,15 +308,11 @@ for synchronized in (False, True):
         return strategy.run(lambda x: layer(x, training=True), args=(x,))
 
     graph = step.get_concrete_function().graph
-    handles = {id(external): internal for external, internal in graph.captures}
     for variable in (layer.renorm_mean, layer.renorm_stddev):
         for copy in variable.value.values:  # each replica's own
-            handle = handles[id(copy.handle)]
-            on_it = [op for op in graph.get_operations() if any(t is handle for t in op.inputs)]
-            reads = [op for op in on_it if op.type == "ReadVariableOp"]
-            (assign,) = [op for op in on_it if op.type == "AssignVariableOp"]
+            reads, (assign,) = tf_graph.variable_ops(graph, copy)
             assert len(reads) == 1, [op.name for op in reads]
-            assert reads[0].name in ancestors(assign), (copy.name, assign.name)
+            assert reads[0].name in tf_graph.data_ancestors(assign), (copy.name, assign.name)
     print("OK", synchronized)
 """
 

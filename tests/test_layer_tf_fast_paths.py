@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_graph
 
 import keras_bn
 from keras_bn.backends import tensorflow as tf_backend
@@ -168,22 +169,8 @@ def test_renorm_outputs_and_update_share_one_read_of_each_average(fused):
         return outputs[-1]
 
     graph = step.get_concrete_function().graph
-    handles = {id(external): internal for external, internal in graph.captures}
-
-    def ancestors(op):  # by data only
-        seen, stack = set(), [op]
-        while stack:
-            op = stack.pop()
-            if op.name not in seen:
-                seen.add(op.name)
-                stack.extend(t.op for t in op.inputs)
-        return seen
-
     for variable in (layer.renorm_mean, layer.renorm_stddev):
-        handle = handles[id(variable.value.handle)]
-        ops_on_it = [op for op in graph.get_operations() if any(t is handle for t in op.inputs)]
-        reads = [op for op in ops_on_it if op.type == "ReadVariableOp"]
-        (assign,) = [op for op in ops_on_it if op.type == "AssignVariableOp"]
+        reads, (assign,) = tf_graph.variable_ops(graph, variable.value)
         assert len(reads) == 1, [op.name for op in reads]
-        assert reads[0].name in ancestors(outputs[0].op)
-        assert reads[0].name in ancestors(assign), f"{assign.name} may run before the read"
+        assert reads[0].name in tf_graph.data_ancestors(outputs[0].op)
+        assert reads[0].name in tf_graph.data_ancestors(assign), f"{assign.name} may run first"
